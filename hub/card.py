@@ -1,0 +1,196 @@
+"""The model card (`README.md`) written next to the weights.
+
+`build_card` is called by `SaliencyUNet.save_pretrained` with whatever the caller knows:
+training data and config (from `python -m train`), and evaluation results in the JSON format of
+`python -m train.evaluate`, which become the card's `model-index`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hub.config import SaliencyConfig
+
+REPO_PLACEHOLDER = "YOUR_NAMESPACE/saliency-unet"
+METRIC_NAMES = {
+    "cc": "CC",
+    "kld": "KLD",
+    "nss": "NSS",
+    "sim": "SIM",
+    "auc_judd": "AUC-Judd",
+    "auc_borji": "AUC-Borji",
+    "sauc": "sAUC",
+    "info_gain": "IG",
+}
+# Higher is better for all but KLD; the card says so next to the table.
+LOWER_IS_BETTER = {"kld"}
+
+CITATIONS = {
+    "salicon": """@inproceedings{jiang2015salicon,
+  title={SALICON: Saliency in Context},
+  author={Jiang, Ming and Huang, Shengsheng and Duan, Juanyong and Zhao, Qi},
+  booktitle={CVPR}, year={2015}}""",
+    "nus_scene": """@article{liang2017scene,
+  title={Saliency Prediction with Scene Structural Guidance},
+  author={Liang, Haoran and Jiang, Ming and Liang, Ronghua and Zhao, Qi},
+  journal={Journal of Visual Communication and Image Representation}, year={2017}}""",
+    "metrics": """@article{bylinskii2019metrics,
+  title={What do different evaluation metrics tell us about saliency models?},
+  author={Bylinskii, Zoya and Judd, Tilke and Oliva, Aude and Torralba, Antonio and Durand, Fr{\\'e}do},
+  journal={IEEE TPAMI}, year={2019}}""",
+}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+Predicts where people look in a photo: a fixation density map at the image's own resolution,
+from a U-Net with a {{ config.backbone }} encoder fine-tuned on human eye-tracking data.
+
+## Usage
+
+```bash
+# The `hub` package of this project (model code, preprocessing) and its dependencies:
+pip install torch torchvision huggingface_hub safetensors pillow opencv-python-headless
+```
+
+```python
+from PIL import Image
+from hub import SaliencyUNet
+from hub.preprocess import overlay
+
+model = SaliencyUNet.from_pretrained("{{ repo_id }}")   # add .to("cuda") for a GPU
+saliency = model.predict("photo.jpg")   # float32 H x W in [0, 1], peak 1, original resolution
+Image.fromarray(overlay("photo.jpg", saliency, colormap="jet", alpha=0.6)).save("overlay.png")
+```
+
+`predict` takes a path, a `PIL.Image` or an H x W x 3 uint8 RGB array (grey, RGBA, palette,
+16-bit and CMYK images are converted; EXIF orientation is applied), or a list of them (batched).
+It runs at {{ config.input_size[0] }} x {{ config.input_size[1] }} pixels and resizes the map back; ImageNet
+mean/std normalisation happens inside the model, so a raw forward pass takes RGB in [0, 1].
+
+## Architecture
+
+- Encoder: torchvision {{ config.backbone }} (stem, layer1..layer4; no pooling or classifier).
+- Decoder: 1x1 bottleneck to {{ config.decoder_channels[0] }} channels, then four stages of transposed
+  convolution (k=4, s=2) + skip concatenation + 1x1 fusion ({{ config.decoder_channels[:4] | join(", ") }}
+  channels), a last transposed convolution to {{ config.decoder_channels[4] }} channels at full
+  resolution, a 3x3 convolution and a sigmoid. Every conv is followed by BatchNorm and ReLU.
+- {{ "{:,}".format(num_parameters) }} parameters; any input size works (padded to a multiple of 32 and cropped back).
+- Frozen during fine-tuning: {{ config.frozen_stages | join(", ") if config.frozen_stages else "nothing" }}.
+
+## Training
+{% if training %}
+{% if training.data %}- Data: {{ training.data }}{% endif %}
+{% for key, value in training.items() if key != "data" %}
+- `{{ key }}`: `{{ value }}`
+{%- endfor %}
+{% else %}
+No training information was recorded with these weights.
+{% endif %}
+
+## Evaluation
+{% if evaluation %}
+On {{ evaluation.dataset.name }}{% if evaluation.dataset.split %} ({{ evaluation.dataset.split }} split){% endif %},
+{{ evaluation.n_images }} images, metrics as defined by the MIT saliency benchmark (KLD: lower is
+better; all others: higher is better). Baselines are computed on the same images in the same run.
+
+| model | {% for m in metric_keys %}{{ metric_names[m] }} | {% endfor %}
+|---|{% for m in metric_keys %}---|{% endfor %}
+| **this model** | {% for m in metric_keys %}{{ "%.4f" | format(evaluation.metrics[m]) }} | {% endfor %}
+{% for name, scores in (evaluation.baselines or {}).items() %}| {{ name }} baseline | {% for m in metric_keys %}{{ "%.4f" | format(scores[m]) if m in scores else "" }} | {% endfor %}
+{% endfor %}
+{% else %}
+No evaluation results were recorded with these weights.
+{% endif %}
+
+## Limitations
+
+- **Centre bias.** Eye-tracking data has a strong central tendency (observers start at the
+  screen centre, photographers centre subjects), and the model learns it: a plain Gaussian
+  at the centre already scores well on CC and AUC-Judd. Compare with sAUC, which discounts it.
+- **Dataset bias.** Free-viewing of natural photos by small groups of adults in a lab (or by
+  mouse-contingent crowd data for SALICON). Maps for web pages, charts, video frames, medical
+  images or task-driven viewing may be wrong.
+- Maps are relative: `predict` scales each to a peak of 1, so values are comparable within an
+  image, not across images.
+
+## Citation
+{% for key in citations %}
+```bibtex
+{{ citation_text[key] }}
+```
+{% endfor %}
+"""
+
+
+def _eval_results(evaluation: dict[str, Any]) -> list[EvalResult]:
+    dataset = evaluation.get("dataset", {})
+    return [
+        EvalResult(
+            task_type="saliency-prediction",
+            task_name="Saliency prediction",
+            dataset_type=str(dataset.get("type") or dataset.get("name", "custom")),
+            dataset_name=str(dataset.get("name", "custom")),
+            dataset_split=dataset.get("split"),
+            metric_type=key,
+            metric_name=METRIC_NAMES.get(key, key),
+            metric_value=round(float(value), 4),
+        )
+        for key, value in evaluation.get("metrics", {}).items()
+        if key in METRIC_NAMES and value == value  # skip NaN (metric not computable)
+    ]
+
+
+def build_card(
+    config: SaliencyConfig,
+    *,
+    num_parameters: int,
+    repo_id: str | None = None,
+    training: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    datasets: list[str] | None = None,
+    title: str = "Saliency U-Net",
+    **_: Any,
+) -> ModelCard:
+    """Render the model card.
+
+    training: free-form facts about the run; key "data" is shown as prose, the rest as a list.
+    evaluation: the JSON of `python -m train.evaluate`: {"dataset": {"name", "split"},
+        "n_images", "metrics": {name: value}, "baselines": {name: {metric: value}}}.
+    datasets: dataset keys for citations and metadata ("salicon", "nus_scene", ...).
+    """
+    datasets = list(datasets or [])
+    if evaluation and evaluation.get("dataset", {}).get("name") in CITATIONS:
+        datasets.append(evaluation["dataset"]["name"])
+    datasets = sorted(set(datasets))
+    card_data = ModelCardData(
+        license="apache-2.0",
+        library_name="pytorch",
+        pipeline_tag="image-to-image",
+        tags=sorted({"saliency-prediction", "visual-saliency", "eye-tracking", "fixation-prediction",
+                     "pytorch_model_hub_mixin", "model_hub_mixin", config.backbone}),
+        datasets=datasets or None,
+        metrics=["cc", "kld", "nss", "sim", "auc"] if evaluation else None,
+        model_name=title,
+        eval_results=_eval_results(evaluation) if evaluation else None,
+    )
+    metric_keys = [k for k in METRIC_NAMES if evaluation and k in evaluation.get("metrics", {})]
+    return ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE,
+        title=title,
+        config=config,
+        num_parameters=num_parameters,
+        repo_id=repo_id or REPO_PLACEHOLDER,
+        training=training,
+        evaluation=evaluation,
+        metric_keys=metric_keys,
+        metric_names=METRIC_NAMES,
+        citations=[k for k in datasets if k in CITATIONS] + ["metrics"],
+        citation_text=CITATIONS,
+    )

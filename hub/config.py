@@ -1,0 +1,85 @@
+"""The one configuration object of the published model.
+
+`SaliencyConfig` is serialised to `config.json` by the Hub mixin and rebuilt by `from_pretrained`;
+training checkpoints store the same dict. It holds the architecture *and* the preprocessing
+(input size, mean, std), so whoever loads the weights also gets the exact input contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Output channels of the encoder taps (s1 stem, s2 layer1, s3 layer2, s4 layer3, bottom layer4).
+BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int, int]] = {
+    "resnet18": (64, 64, 128, 256, 512),
+    "resnet34": (64, 64, 128, 256, 512),
+    "resnet50": (64, 256, 512, 1024, 2048),
+    "resnet101": (64, 256, 512, 1024, 2048),
+    "resnet152": (64, 256, 512, 1024, 2048),
+}
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class SaliencyConfig:
+    """Architecture and input contract of `SaliencyUNet`.
+
+    backbone: torchvision ResNet name (see `BACKBONE_CHANNELS`).
+    decoder_channels: widths of the five decoder stages, from 1/16 resolution up to full
+        resolution (the reference plan is 512, 256, 128, 64, 32).
+    input_size: (height, width) in pixels at which `predict()` runs the network; images are
+        resized to it and maps resized back. Default 288 x 384: 4:3 like SALICON's 480 x 640
+        stimuli, a multiple of 32 (no padding), and 2.8x fewer FLOPs than 480 x 640. Fixation
+        density maps are smooth (the Gaussian of about one visual degree is ~1/32 of the image
+        height, 9 px here), so a larger input adds cost, not detail.
+    mean, std: ImageNet RGB statistics applied *inside* the model; callers feed RGB in [0, 1].
+    frozen_stages: encoder stages that get no gradients and whose BatchNorm statistics stay
+        fixed in train mode (any of "stem", "layer1" ... "layer4").
+    """
+
+    backbone: str = "resnet50"
+    decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)
+    input_size: tuple[int, int] = (288, 384)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    frozen_stages: tuple[str, ...] = ("stem", "layer1")
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; normalise so configs compare equal.
+        self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
+        self.mean = tuple(float(m) for m in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(s) for s in self.std)  # type: ignore[assignment]
+        self.frozen_stages = tuple(str(s) for s in self.frozen_stages)
+        if self.backbone not in BACKBONE_CHANNELS:
+            raise ValueError(
+                f"backbone {self.backbone!r} is not supported; use one of {sorted(BACKBONE_CHANNELS)}."
+            )
+        if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
+            raise ValueError(
+                f"decoder_channels {self.decoder_channels} must be 5 positive widths, e.g. (512, 256, 128, 64, 32)."
+            )
+        if len(self.input_size) != 2 or min(self.input_size) < 32:
+            raise ValueError(f"input_size {self.input_size} must be (height, width), each at least 32 pixels.")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean {self.mean} and std {self.std} must be 3 RGB values with std > 0.")
+        unknown = [s for s in self.frozen_stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"frozen_stages {unknown} are not encoder stages; choose from {list(STAGES)}.")
+
+    @property
+    def encoder_channels(self) -> tuple[int, int, int, int, int]:
+        return BACKBONE_CHANNELS[self.backbone]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SaliencyConfig:
+        """Build from a dict (e.g. `config.json`), ignoring keys that are not config fields."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

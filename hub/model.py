@@ -1,0 +1,298 @@
+"""SaliencyUNet: a ResNet encoder + transposed-convolution U-Net decoder predicting fixation density.
+
+Feature-shape contract (input B x 3 x H x W, H and W multiples of 32; C = encoder channels,
+(64, 256, 512, 1024, 2048) for ResNet50):
+
+    stem   conv1-bn1-relu      C[0] x H/2  x W/2    skip s1
+    layer1 maxpool-layer1      C[1] x H/4  x W/4    skip s2
+    layer2                     C[2] x H/8  x W/8    skip s3
+    layer3                     C[3] x H/16 x W/16   skip s4
+    layer4                     C[4] x H/32 x W/32   bottom
+
+The decoder reduces the bottom with a 1x1 conv to D[0], then four times: transposed conv
+(k=4, s=2, p=1) doubling the resolution, concatenation with the matching skip, 1x1 conv; a last
+transposed conv to full resolution, a 3x3 conv to one channel and a sigmoid.
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from PIL import Image
+from torch import nn
+
+from hub.card import build_card
+from hub.config import STAGES, SaliencyConfig
+from hub.preprocess import ImageInput, images_to_tensor, load_image, tensor_to_maps
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def up_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    """Transposed conv that exactly doubles H and W."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, kernel_size=4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _build_backbone(name: str, weights: str | os.PathLike | None) -> nn.Module:
+    """A torchvision ResNet; downloads ImageNet weights only when `weights == "imagenet"`."""
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None)
+    if str(weights) == "imagenet":
+        try:
+            return torchvision.models.get_model(name, weights="DEFAULT")
+        except Exception as err:  # URLError, SSLError, HTTP errors, ... all mean the same thing here
+            raise RuntimeError(
+                f"could not download the ImageNet weights for {name} ({err}); "
+                "pass backbone_weights=None (random init) or the path of a local weights file."
+            ) from err
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file {path} does not exist; pass 'imagenet', None or an existing .pth/.safetensors file."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    net = torchvision.models.get_model(name, weights=None)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    bad = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+    if bad:
+        raise ValueError(
+            f"{path} is not a torchvision {name} state dict ({len(bad)} tensors missing, unexpected or mis-shaped, "
+            f"e.g. {bad[:3]}); pass the file torchvision saves for this backbone."
+        )
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+class SaliencyUNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="pytorch",
+    license="apache-2.0",
+    pipeline_tag="image-to-image",
+    tags=["saliency-prediction", "visual-saliency", "eye-tracking", "fixation-prediction"],
+):
+    """Predicts where people look: B x 3 x H x W RGB in [0, 1] -> B x 1 x H x W map in [0, 1].
+
+    Build with `SaliencyUNet(backbone_weights=None)` (random init, no network), or for
+    fine-tuning `SaliencyUNet(config, backbone_weights="imagenet")`. Load a trained model with
+    `SaliencyUNet.from_pretrained(dir_or_repo_id)`; its config records that no backbone
+    download is needed.
+    """
+
+    def __init__(self, config: SaliencyConfig | None = None, backbone_weights: str | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = SaliencyConfig()
+        elif isinstance(config, dict):
+            config = SaliencyConfig.from_dict(config)
+        self.config = config
+        # What `save_pretrained` writes as config.json: the weights it saves already contain the
+        # backbone, so a reloaded model must never fetch ImageNet weights again.
+        self._hub_mixin_config = {**config.to_dict(), "backbone_weights": None}
+
+        net = _build_backbone(config.backbone, backbone_weights)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
+        self.layer1 = nn.Sequential(net.maxpool, net.layer1)
+        self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
+
+        c1, c2, c3, c4, c5 = config.encoder_channels
+        d1, d2, d3, d4, d5 = config.decoder_channels
+        self.bottleneck = conv_bn_relu(c5, d1)
+        self.up4, self.fuse4 = up_bn_relu(d1, d1), conv_bn_relu(d1 + c4, d1)
+        self.up3, self.fuse3 = up_bn_relu(d1, d2), conv_bn_relu(d2 + c3, d2)
+        self.up2, self.fuse2 = up_bn_relu(d2, d3), conv_bn_relu(d3 + c2, d3)
+        self.up1, self.fuse1 = up_bn_relu(d3, d4), conv_bn_relu(d4 + c1, d4)
+        self.up0 = up_bn_relu(d4, d5)
+        self.head = nn.Conv2d(d5, 1, kernel_size=3, padding=1)
+
+        # Normalisation travels with the weights via the config, not the state dict.
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        for stage in config.frozen_stages:
+            getattr(self, stage).requires_grad_(False)
+
+    # -- training behaviour -------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "SaliencyUNet":
+        """Like `nn.Module.train`, but frozen stages stay in eval mode: their BN statistics never move."""
+        super().train(mode)
+        for stage in self.config.frozen_stages:
+            getattr(self, stage).eval()
+        return self
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for s in STAGES for p in getattr(self, s).parameters()]
+
+    # -- forward --------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder taps [s1, s2, s3, s4, bottom] for a normalised input (H, W multiples of 32)."""
+        s1 = self.stem(x)
+        s2 = self.layer1(s1)
+        s3 = self.layer2(s2)
+        s4 = self.layer3(s3)
+        return [s1, s2, s3, s4, self.layer4(s4)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W RGB in [0, 1], any H and W -> B x 1 x H x W saliency in [0, 1]."""
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % 32, (-w) % 32
+        x = (x - self.mean) / self.std
+        if pad_h or pad_w:
+            # Replicate padding keeps the border statistics of the image; the pad is cropped away.
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        s1, s2, s3, s4, bottom = self.features(x)
+        y = self.bottleneck(bottom)
+        y = self.fuse4(torch.cat([self.up4(y), s4], dim=1))
+        y = self.fuse3(torch.cat([self.up3(y), s3], dim=1))
+        y = self.fuse2(torch.cat([self.up2(y), s2], dim=1))
+        y = self.fuse1(torch.cat([self.up1(y), s1], dim=1))
+        y = self.head(self.up0(y))
+        return torch.sigmoid(y[:, :, :h, :w])
+
+    # -- inference ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def predict(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        *,
+        batch_size: int = 8,
+        precision: str = "auto",
+    ) -> Any:
+        """Saliency map(s) for one image or a list of images.
+
+        image: a file path, a PIL.Image or an H x W x 3 uint8 RGB array (any size or mode), or a
+            list of them (batched internally by `batch_size`).
+        precision: "auto" (bf16 where the hardware does it natively: CUDA, or CPUs with
+            AVX512-BF16/AMX; fp32 otherwise), "bf16" or "fp32".
+        Returns a float32 H x W array in [0, 1] (peak 1) at each image's original resolution,
+        or a list of them for a list input. Runs on the model's device without gradients.
+        """
+        from hub.runtime import autocast_context, prepare_for_inference
+
+        single = isinstance(image, (str, os.PathLike, np.ndarray, Image.Image))
+        items = [image] if single else list(image)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
+        was_training = self.training
+        prepare_for_inference(self)
+        maps: list = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(items), batch_size):
+                    arrays = [load_image(x) for x in items[start : start + batch_size]]
+                    x = images_to_tensor(arrays, self.config.input_size).to(self.device, non_blocking=True)
+                    with autocast_context(self.device, precision):
+                        y = self(x)
+                    maps.extend(tensor_to_maps(y, [a.shape[:2] for a in arrays]))
+        finally:
+            self.train(was_training)
+        return maps[0] if single else maps
+
+    # -- Hub IO -----------------------------------------------------------------------------------
+    def generate_model_card(self, *args: Any, **kwargs: Any):  # noqa: ANN201 (ModelCard)
+        """The model card written by `save_pretrained`; kwargs come from `model_card_kwargs`."""
+        return build_card(self.config, num_parameters=sum(p.numel() for p in self.parameters()), **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """Write model.safetensors, config.json and README.md (the card) into save_directory.
+
+        Files are written to a temporary folder beside it and moved into place one by one, so an
+        interrupted save never leaves a half-written file, and the card is always regenerated.
+        """
+        from hub.publish import atomic_save
+
+        return atomic_save(super().save_pretrained, save_directory, **kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> "SaliencyUNet":
+        """Strict, safetensors-only loading: a missing or unexpected tensor is an error, never skipped."""
+        from safetensors.torch import load_file
+
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(
+                    f"{model_id} has no {WEIGHTS_NAME}; point at a folder written by save_pretrained or `python -m train`."
+                )
+        else:
+            try:
+                weights = hf_hub_download(
+                    repo_id=model_id,
+                    filename=WEIGHTS_NAME,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    token=token,
+                    local_files_only=local_files_only,
+                )
+            except EntryNotFoundError as err:
+                raise FileNotFoundError(
+                    f"{model_id} (revision {revision or 'main'}) has no {WEIGHTS_NAME}; "
+                    "this project loads safetensors weights only, never pickles."
+                ) from err
+        model_kwargs.setdefault("backbone_weights", None)
+        model = cls(**model_kwargs)
+        state = load_file(weights, device=str(map_location))
+        load_strict(model, state, source=weights, strict=strict)
+        model.to(map_location)
+        model.eval()
+        return model
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """Load a state dict, naming every missing, unexpected or mis-shaped tensor in one error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if mis_shaped or (strict and (missing or unexpected)):
+        raise ValueError(
+            f"{source} does not match the model built from its config.json: "
+            f"{len(missing)} missing tensors {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+            f"{len(mis_shaped)} of another shape {mis_shaped[:5]}; re-export the weights with save_pretrained "
+            "or fix config.json."
+        )
+    model.load_state_dict(state, strict=strict)
+
