@@ -1,0 +1,1 @@
+"""Fine-tuning code: data, augmentation, losses, metrics, training loop and evaluation."""
