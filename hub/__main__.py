@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own progress at INFO; third-party clients (e.g. the HTTP library) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("hub",):
+        logging.getLogger(name).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "push":

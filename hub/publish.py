@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
 
@@ -136,7 +136,7 @@ def push(
             commit_message=commit_message or f"Upload saliency model from {directory.name}",
             revision=revision,
         )
-    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, httpx.TransportError, OSError) as err:
+    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, httpx2.TransportError, OSError) as err:
         raise _explain(err, repo_id) from err
     log.info("pushed %d files to %s", len(operations), info.commit_url)
     return info.commit_url

@@ -1,0 +1,325 @@
+"""Eye-tracking datasets: discovery, validation, splits, joint augmentation.
+
+Layouts read (ids are file stems):
+
+    DIR/images/<id>.jpg  DIR/maps/<id>.png  [DIR/fixations/<id>.png]  [DIR/fixations.csv]
+    DIR/train/...  DIR/val/...                       (the same layout per split)
+    DIR/images/{train,val}/*.jpg  DIR/maps/{train,val}/*.png  DIR/fixations/{train,val}/*.mat
+                                                     (the SALICON release, LSUN 2017)
+
+Images go through `hub.preprocess` (the model's own path); only the augmentation is here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from hub.preprocess import image_to_tensor, load_image, resize_image, resize_map
+from train.metrics import fixation_map_from_points
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as it is; the message lists every bad item."""
+
+
+@dataclass
+class Sample:
+    """One stimulus. `points` are (N, 2) 0-based (x, y) fixations when they come from a CSV or .mat."""
+
+    id: str
+    image: Path
+    map: Path | None = None
+    fixation_map: Path | None = None
+    points: np.ndarray | None = field(default=None, repr=False)
+    fixation_mat: Path | None = None
+
+    @property
+    def has_fixations(self) -> bool:
+        return self.fixation_map is not None or self.points is not None or self.fixation_mat is not None
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_map(path: Path) -> np.ndarray:
+    """A density map of any bit depth -> H x W float32 in [0, 1] (colour maps are averaged)."""
+    with Image.open(path) as img:
+        arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[:, :, :3].mean(axis=2)
+    top = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else max(float(arr.max()), 1.0)
+    return (arr.astype(np.float32) / top).clip(0.0, 1.0)
+
+
+def read_salicon_mat(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """Fixations of a SALICON `.mat`: (N, 2) 0-based (x, y) pooled over subjects, and (H, W).
+
+    The release stores `resolution` = [H, W] and a struct array `gaze` with one entry per
+    subject whose `fixations` field holds 1-based [x, y] rows (column, row in MATLAB).
+    """
+    from scipy.io import loadmat
+
+    mat = loadmat(str(path), simplify_cells=True)
+    height, width = (int(v) for v in np.ravel(mat["resolution"])[:2])
+    gaze = mat["gaze"]
+    subjects = gaze if isinstance(gaze, (list, np.ndarray)) else [gaze]
+    points = [np.asarray(s["fixations"], dtype=np.float64).reshape(-1, 2) for s in subjects]
+    pts = np.concatenate(points) if points else np.zeros((0, 2))
+    return pts - 1.0, (height, width)
+
+
+def read_fixations(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+    """Binary H x W fixation map of `sample` on a grid of `shape` (bool)."""
+    if sample.fixation_map is not None:
+        with Image.open(sample.fixation_map) as img:
+            arr = np.asarray(img)
+        fixated = (arr[:, :, 0] if arr.ndim == 3 else arr) > 0
+        if fixated.shape == tuple(shape):
+            return fixated
+        rows, cols = np.nonzero(fixated)
+        return fixation_map_from_points(np.stack([cols, rows], 1), shape, fixated.shape)
+    if sample.fixation_mat is not None:
+        pts, source = read_salicon_mat(sample.fixation_mat)
+        return fixation_map_from_points(pts, shape, source)
+    if sample.points is not None:
+        return fixation_map_from_points(sample.points, shape, image_size(sample.image))
+    raise ValueError(f"{sample.id} has no fixations.")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header, without decoding."""
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
+# -- discovery ----------------------------------------------------------------------------------
+def _by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in suffixes and not p.name.startswith(".")}
+
+
+def _read_points_csv(path: Path) -> dict[str, np.ndarray]:
+    """`id,subject,x,y,...` with 1-based coordinates -> {id: (N, 2) 0-based (x, y)}."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            points.setdefault(row["id"], []).append((float(row["x"]) - 1.0, float(row["y"]) - 1.0))
+    return {k: np.asarray(v).reshape(-1, 2) for k, v in points.items()}
+
+
+def find_samples(root: Path, split: str | None = None) -> list[Sample]:
+    """Samples of one folder in the plain layout, or one split of the SALICON layout."""
+    root = Path(root)
+    if split is not None and (root / "images" / split).is_dir():  # SALICON release
+        images = _by_stem(root / "images" / split, IMAGE_SUFFIXES)
+        maps = _by_stem(root / "maps" / split, MAP_SUFFIXES)
+        mats = _by_stem(root / "fixations" / split, (".mat",))
+        return [Sample(i, p, maps.get(i), fixation_mat=mats.get(i)) for i, p in images.items()]
+    folder = root / split if split is not None else root
+    images = _by_stem(folder / "images", IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"{folder / 'images'} holds no images; expected images/<id>.jpg beside maps/<id>.png.")
+    maps = _by_stem(folder / "maps", MAP_SUFFIXES)
+    fix = _by_stem(folder / "fixations", (".png",))
+    csv_points = _read_points_csv(folder / "fixations.csv") if (folder / "fixations.csv").is_file() else {}
+    return [
+        Sample(i, p, maps.get(i), fix.get(i), None if i in fix else csv_points.get(i))
+        for i, p in images.items()
+    ]
+
+
+def has_splits(root: Path) -> bool:
+    root = Path(root)
+    return (root / "train").is_dir() and (root / "val").is_dir() or (root / "images" / "train").is_dir()
+
+
+def load_splits(root: Path, out: Path, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Sample]]:
+    """{"train": [...], "val": [...]}: the dataset's own splits, or a seeded split kept in OUT/split.json.
+
+    An existing OUT/split.json is reused, so a resumed or repeated run sees the same images.
+    """
+    root, out = Path(root), Path(out)
+    if has_splits(root):
+        splits = {s: find_samples(root, s) for s in ("train", "val")}
+    else:
+        samples = {s.id: s for s in find_samples(root)}
+        split_file = out / "split.json"
+        if split_file.is_file():
+            saved = json.loads(split_file.read_text())
+            unknown = sorted(set(saved["train"] + saved["val"]) - set(samples))
+            if unknown:
+                raise DataError(
+                    f"{split_file} names {len(unknown)} images not in {root} (e.g. {unknown[:3]}); "
+                    "use a new --out folder or delete split.json."
+                )
+            splits = {k: [samples[i] for i in saved[k]] for k in ("train", "val")}
+        else:
+            if not 0.0 < val_fraction < 1.0:
+                raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1.")
+            ids = sorted(samples)
+            random.Random(seed).shuffle(ids)
+            n_val = max(1, round(len(ids) * val_fraction))
+            splits = {"train": [samples[i] for i in sorted(ids[n_val:])], "val": [samples[i] for i in sorted(ids[:n_val])]}
+    for name, items in splits.items():
+        if not items:
+            raise DataError(f"the {name} split of {root} is empty; add images or lower --val-fraction.")
+    return splits
+
+
+def write_split(splits: dict[str, list[Sample]], root: Path, out: Path) -> None:
+    payload = {"data": str(root), **{k: [s.id for s in v] for k, v in splits.items()}}
+    atomic_write_text(Path(out) / "split.json", json.dumps(payload, indent=1))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- validation ---------------------------------------------------------------------------------
+def check_sample(sample: Sample) -> list[str]:
+    """Every problem with one sample, as short phrases (empty when it is usable)."""
+    problems = []
+    try:
+        with Image.open(sample.image) as img:
+            img.load()  # a full decode: catches truncated files
+            size = (img.height, img.width)
+    except Exception as err:  # noqa: BLE001 - any decoder failure means the same to the user
+        return [f"{sample.image}: unreadable image ({err})"]
+    if sample.map is None:
+        problems.append(f"{sample.id}: missing map (expected maps/{sample.id}.png)")
+    else:
+        try:
+            gt = read_map(sample.map)
+            if gt.shape != size:
+                problems.append(f"{sample.map}: map is {gt.shape[1]}x{gt.shape[0]} but the image is {size[1]}x{size[0]}")
+            elif not gt.max() > 0:
+                problems.append(f"{sample.map}: map is all zero")
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"{sample.map}: unreadable map ({err})")
+    if sample.has_fixations:
+        try:
+            if not read_fixations(sample, size).any():
+                problems.append(f"{sample.id}: fixation map is empty")
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"{sample.id}: unreadable fixations ({err})")
+    return problems
+
+
+def scan(samples: list[Sample], skip_bad: bool = False, workers: int = 4) -> list[Sample]:
+    """Check pairing and readability of every sample; report ALL problems in one DataError.
+
+    With skip_bad, bad samples are dropped (and counted in the log) instead.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(check_sample, samples))
+    bad = [(s, p) for s, p in zip(samples, results) if p]
+    if bad and not skip_bad:
+        lines = "\n".join(f"  - {line}" for _, problems in bad for line in problems)
+        raise DataError(
+            f"{len(bad)} of {len(samples)} samples are unusable:\n{lines}\n"
+            "Fix or remove them, or pass --skip-bad to train without them."
+        )
+    if bad:
+        log.warning("skipping %d of %d samples with problems (--skip-bad)", len(bad), len(samples))
+    return [s for s, p in zip(samples, results) if not p]
+
+
+# -- augmentation and tensors -----------------------------------------------------------------
+def build_augmentation(size: tuple[int, int]) -> A.Compose:
+    """Joint geometric + photometric augmentation at the model's input size.
+
+    The density map follows as a mask with bilinear interpolation; fixations follow as
+    keypoints, so they move exactly and stay single binary points (no smearing, no loss except
+    points cropped out of view).
+    """
+    h, w = size
+    return A.Compose(
+        [
+            A.RandomResizedCrop((h, w), scale=(0.6, 1.0), ratio=(0.8 * w / h, 1.25 * w / h),
+                                mask_interpolation=cv2.INTER_LINEAR, p=1.0),
+            A.HorizontalFlip(p=0.5),
+            A.Affine(rotate=(-10, 10), mask_interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.5),
+        ],
+        keypoint_params=A.KeypointParams(format="xy", remove_invisible=True),
+    )
+
+
+def rasterize(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(x, y) keypoints -> bool map; pixel centres at integer coordinates, albumentations' convention."""
+    out = np.zeros(shape, dtype=bool)
+    if len(points):
+        pts = np.asarray(points, dtype=np.float64)[:, :2]
+        cols = np.floor(pts[:, 0] + 0.5).astype(np.intp)
+        rows = np.floor(pts[:, 1] + 0.5).astype(np.intp)
+        keep = (cols >= 0) & (cols < shape[1]) & (rows >= 0) & (rows < shape[0])
+        out[rows[keep], cols[keep]] = True
+    return out
+
+
+class SaliencyDataset(Dataset):
+    """Training/validation samples at the model's input size.
+
+    Item: (image 3 x h x w in [0, 1], map 1 x h x w summing to 1 (or zeros), fixations 1 x h x w
+    binary (zeros when the dataset has none), index). With `augment`, the augmentation of item i
+    in epoch e is seeded by (seed, e, i): identical across runs, resumes and worker counts.
+    """
+
+    def __init__(self, samples: list[Sample], size: tuple[int, int], augment: bool = False, seed: int = 0) -> None:
+        self.samples, self.size, self.seed = samples, tuple(size), seed
+        self.augment = build_augmentation(self.size) if augment else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        source = image.shape[:2]
+        image = resize_image(image, self.size)
+        gt = resize_map(read_map(sample.map), self.size) if sample.map is not None else np.zeros(self.size, np.float32)
+        fixated = read_fixations(sample, source) if sample.has_fixations else np.zeros(source, bool)
+        rows, cols = np.nonzero(fixated)
+        # Fixated pixel centres on the resized grid (centres at integer coordinates).
+        sy, sx = self.size[0] / source[0], self.size[1] / source[1]
+        points = np.stack([(cols + 0.5) * sx - 0.5, (rows + 0.5) * sy - 0.5], 1)
+        if self.augment is not None:
+            self.augment.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
+            out = self.augment(image=image, mask=gt, keypoints=points)
+            image, gt, points = out["image"], out["mask"], np.asarray(out["keypoints"]).reshape(-1, 2)
+        fix = rasterize(points, self.size)
+        total = float(gt.sum())
+        gt = gt / total if total > 0 else gt
+        return (
+            image_to_tensor(image),
+            torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float32))[None],
+            torch.from_numpy(fix.astype(np.float32))[None],
+            index,
+        )
