@@ -177,6 +177,8 @@ def images_to_tensor(images: Sequence[np.ndarray], size: tuple[int, int]) -> tor
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """One H x W x 3 uint8 RGB image (already at model size) -> 3 x H x W float in [0, 1]."""
+    if not image.flags.writeable:  # e.g. np.asarray of a PIL image; torch wants to own writable memory
+        image = image.copy()
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 

@@ -309,7 +309,10 @@ class SaliencyDataset(Dataset):
         rows, cols = np.nonzero(fixated)
         # Fixated pixel centres on the resized grid (centres at integer coordinates).
         sy, sx = self.size[0] / source[0], self.size[1] / source[1]
-        points = np.stack([(cols + 0.5) * sx - 0.5, (rows + 0.5) * sy - 0.5], 1)
+        points = np.stack([
+            np.clip((cols + 0.5) * sx - 0.5, 0, self.size[1] - 1),
+            np.clip((rows + 0.5) * sy - 0.5, 0, self.size[0] - 1),
+        ], 1)
         if self.augment is not None:
             self.augment.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
             out = self.augment(image=image, mask=gt, keypoints=points)

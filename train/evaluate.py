@@ -235,6 +235,7 @@ def evaluate_model(
     map_format: str = "png16",
     seed: int = 0,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Predict every sample with `model.predict` and score it; returns the report dict."""
     scorer = Scorer(samples, baselines, train_samples, seed)
@@ -242,7 +243,7 @@ def evaluate_model(
     bar = tqdm(total=len(samples), desc="evaluate", unit="img", disable=not progress)
     for start in range(0, len(samples), batch_size):
         chunk = list(range(start, min(start + batch_size, len(samples))))
-        preds = model.predict([samples[i].image for i in chunk], batch_size=batch_size)
+        preds = model.predict([samples[i].image for i in chunk], batch_size=batch_size, precision=precision)
         for i, pred in zip(chunk, preds):
             rows.append(scorer.score(i, pred))
             if save_maps is not None:
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", nargs="*", choices=BASELINES, default=list(BASELINES), help="baselines to score beside the model")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="as predict(): auto uses bf16 where native")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives of AUC-Borji and sAUC")
     return p
 
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise DataError(f"{len(bad)} images have neither a map nor fixations (e.g. {bad[:3]}); add maps/<id>.png.")
         model = SaliencyUNet.from_pretrained(args.model, revision=args.revision).to(pick_device(args.device))
-        report = evaluate_model(model, samples, train_samples, args.baseline, args.batch_size, args.save_maps, args.map_format, args.seed)
+        report = evaluate_model(model, samples, train_samples, args.baseline, args.batch_size, args.save_maps, args.map_format, args.seed,
+                                progress=True, precision=args.precision)
     except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
