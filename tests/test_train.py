@@ -326,3 +326,14 @@ def test_output_folder_pushes_to_the_hub(tiny_data, tmp_path, hub_server, hub_re
     assert {"model.safetensors", "config.json", "README.md", "metrics.json", "split.json"} <= set(files)
     assert not any(name.startswith("checkpoints") for name in files)
     assert f'from_pretrained("{hub_repo_id}")' in files["README.md"].decode()
+
+
+def test_fixations_from_csv_when_there_are_no_fixation_maps(tmp_path):
+    blob_sample(tmp_path, "a")
+    shutil.rmtree(tmp_path / "fixations")
+    (tmp_path / "fixations.csv").write_text("id,subject,x,y,duration_ms\na,0,11,13,200\na,1,64,48,150\n")
+    sample = find_samples(tmp_path)[0]
+    assert sample.has_fixations and sample.fixation_map is None
+    assert sorted(zip(*np.nonzero(read_fixations(sample, (48, 64))))) == [(12, 10), (47, 63)]
+    _, _, fix, _ = SaliencyDataset([sample], (24, 32))[0]
+    assert int(fix.sum()) == 2

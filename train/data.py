@@ -12,7 +12,6 @@ Images go through `hub.preprocess` (the model's own path); only the augmentation
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hub.preprocess import image_to_tensor, load_image, resize_image, resize_map
-from train.metrics import fixation_map_from_points
+from train.metrics import fixation_map_from_points, fixations_from_csv
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +116,6 @@ def _by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in suffixes and not p.name.startswith(".")}
 
 
-def _read_points_csv(path: Path) -> dict[str, np.ndarray]:
-    """`id,subject,x,y,...` with 1-based coordinates -> {id: (N, 2) 0-based (x, y)}."""
-    points: dict[str, list[tuple[float, float]]] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            points.setdefault(row["id"], []).append((float(row["x"]) - 1.0, float(row["y"]) - 1.0))
-    return {k: np.asarray(v).reshape(-1, 2) for k, v in points.items()}
-
-
 def find_samples(root: Path, split: str | None = None) -> list[Sample]:
     """Samples of one folder in the plain layout, or one split of the SALICON layout."""
     root = Path(root)
@@ -140,7 +130,7 @@ def find_samples(root: Path, split: str | None = None) -> list[Sample]:
         raise DataError(f"{folder / 'images'} holds no images; expected images/<id>.jpg beside maps/<id>.png.")
     maps = _by_stem(folder / "maps", MAP_SUFFIXES)
     fix = _by_stem(folder / "fixations", (".png",))
-    csv_points = _read_points_csv(folder / "fixations.csv") if (folder / "fixations.csv").is_file() else {}
+    csv_points = fixations_from_csv(folder / "fixations.csv") if (folder / "fixations.csv").is_file() else {}
     return [
         Sample(i, p, maps.get(i), fix.get(i), None if i in fix else csv_points.get(i))
         for i, p in images.items()
