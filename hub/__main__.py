@@ -1,4 +1,6 @@
-"""`python -m hub push DIR REPO_ID ...`: publish an exported model folder."""
+"""`python -m hub push DIR REPO_ID ...`: publish an exported model folder.
+`python -m hub space SPACE_ID --model REPO_ID ...`: deploy the demo as a Gradio Space.
+`python -m hub export-onnx DIR [--out FILE] ...`: write DIR/model.onnx, checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import argparse
 import logging
 import sys
 
-from hub.publish import PublishError, push
+from huggingface_hub import SpaceHardware
+
+from hub.publish import PublishError, push, push_space
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +22,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--commit-message", default=None)
+    s = sub.add_parser("space", help="deploy the demo (app.py, space/, hub/) as a Gradio Space serving a model")
+    s.add_argument("space_id", help="NAMESPACE/NAME of the Space (created if missing)")
+    s.add_argument("--model", required=True, help="Hub model repo the Space serves (set as its MODEL_ID variable)")
+    s.add_argument("--model-revision", default=None, help="model branch, tag or commit (MODEL_REVISION variable)")
+    s.add_argument("--private", action="store_true", help="create the Space as private")
+    s.add_argument("--hardware", default=None, choices=[h.value for h in SpaceHardware], metavar="FLAVOR",
+                   help="request this hardware, e.g. cpu-basic, t4-small, zero-a10g (default: keep the Space's)")  # fmt: skip
+    s.add_argument("--commit-message", default=None)
+    o = sub.add_parser("export-onnx", help="write an ONNX model for ONNX Runtime, checked against PyTorch")
+    o.add_argument("directory", help="folder written by save_pretrained or `python -m train --out`")
+    o.add_argument("--out", default=None, help="output file (default: DIRECTORY/model.onnx)")
+    o.add_argument("--size", default=None, type=_size, help="input HxW (default: the model's input_size)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
+    o.add_argument("--dynamic", action="store_true", help="free batch, height and width (multiples of 32)")
     return parser
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 288x384") from None
+    return h, w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
                 commit_message=args.commit_message,
             )
             print(url)
+        elif args.command == "space":
+            url = push_space(
+                args.space_id,
+                args.model,
+                model_revision=args.model_revision,
+                private=True if args.private else None,
+                hardware=args.hardware,
+                commit_message=args.commit_message,
+            )
+            print(url)  # the Space's page: the link to share
+        elif args.command == "export-onnx":
+            from hub.onnx_export import OnnxExportError, export_onnx
+
+            try:
+                result = export_onnx(args.directory, args.out, size=args.size, opset=args.opset, dynamic=args.dynamic)
+            except (OnnxExportError, FileNotFoundError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            print(f"{result.path}: checked with onnxruntime on inputs {result.checked_shapes}; "
+                  f"max abs difference vs PyTorch {result.max_abs_diff:.2e}")  # fmt: skip
     except PublishError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

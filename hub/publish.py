@@ -13,9 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+try:  # the HTTP library huggingface_hub 2.x speaks through; 1.x used httpx
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    from httpx import TransportError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, SpaceCard, constants
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, RepositoryNotFoundError
 
 from hub.card import REPO_PLACEHOLDER
 
@@ -136,7 +139,126 @@ def push(
             commit_message=commit_message or f"Upload saliency model from {directory.name}",
             revision=revision,
         )
-    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, httpx2.TransportError, OSError) as err:
+    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, TransportError, OSError) as err:
         raise _explain(err, repo_id) from err
     log.info("pushed %d files to %s", len(operations), info.commit_url)
     return info.commit_url
+
+
+# -- the demo Space --------------------------------------------------------------------------------
+
+# What a Space runs, relative to the project root: these files and nothing else (no training code,
+# tests, benchmarks or data). Explicit on purpose: the modules are exactly those app.py imports,
+# directly or lazily (tests/test_app.py checks the list against the imports), plus the examples.
+SPACE_FILES = (
+    "app.py",
+    "requirements.txt",
+    "hub/__init__.py",
+    "hub/card.py",
+    "hub/config.py",
+    "hub/model.py",
+    "hub/preprocess.py",
+    "hub/publish.py",  # SaliencyUNet.save_pretrained uses it
+    "hub/runtime.py",
+    "space/__init__.py",
+    "space/render.py",
+    "space/serving.py",
+    "space/ui.py",
+    "space/examples/SOURCES.md",
+    "space/examples/astronaut.jpg",
+    "space/examples/chelsea.jpg",
+    "space/examples/coffee.jpg",
+    "space/examples/rocket.jpg",
+)
+# Uploaded as the Space's README.md: its front matter (sdk, sdk_version, app_file, ...) configures the Space.
+SPACE_README = "space/README.md"
+# Folders the Space's copy of the project owns: files there that are no longer ours get deleted.
+SPACE_MANAGED = ("hub/", "space/")
+SPACE_PLACEHOLDER = "YOUR_NAMESPACE/saliency-demo"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def space_files(root: str | Path = PROJECT_ROOT) -> list[str]:
+    """The project files a Space needs (posix paths relative to root, sorted), README excluded."""
+    root = Path(root)
+    missing = [name for name in SPACE_FILES + (SPACE_README,) if not (root / name).is_file()]
+    if missing:
+        raise PublishError(
+            f"{root} lacks {', '.join(missing)}; run the space command from a full checkout of the project."
+        )
+    return sorted(SPACE_FILES)
+
+
+def space_readme(root: str | Path, space_id: str, model_id: str) -> bytes:
+    """space/README.md with the model and Space ids filled in; checks the front matter against the pins."""
+    text = (Path(root) / SPACE_README).read_text(encoding="utf-8")
+    text = text.replace(REPO_PLACEHOLDER, model_id).replace(SPACE_PLACEHOLDER, space_id)
+    data = SpaceCard(text).data
+    if data.get("sdk") != "gradio" or data.get("app_file") != "app.py":
+        raise PublishError(f"{SPACE_README} must say `sdk: gradio` and `app_file: app.py` in its front matter.")
+    pins = (Path(root) / "requirements.txt").read_text(encoding="utf-8")
+    pinned = next((line.split("==", 1)[1].strip() for line in pins.splitlines() if line.startswith("gradio==")), None)
+    if str(data.get("sdk_version")) != pinned:
+        raise PublishError(
+            f"{SPACE_README} has sdk_version {data.get('sdk_version')} but requirements.txt pins gradio=={pinned}; "
+            "make them equal so the Space runs the gradio the tests ran."
+        )
+    return text.encode("utf-8")
+
+
+def push_space(
+    space_id: str,
+    model_id: str,
+    *,
+    model_revision: str | None = None,
+    private: bool | None = None,
+    hardware: str | None = None,
+    root: str | Path = PROJECT_ROOT,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create or update the Gradio Space `space_id` serving `model_id`; returns the Space's URL.
+
+    Uploads `space_files(root)` plus space/README.md as the Space's README (front matter with the
+    model id), deletes files under hub/ and space/ that the project no longer has, and sets the
+    `MODEL_ID` (and `MODEL_REVISION`) Space variables the app reads. hardware: a flavor such as
+    "t4-small" (see huggingface_hub.SpaceHardware); None keeps the Space's current one.
+    """
+    root = Path(root)
+    files = space_files(root)
+    readme = space_readme(root, space_id, model_id)
+    api = HfApi(token=token)
+    try:
+        try:
+            model = api.model_info(model_id, revision=model_revision)
+        except RepositoryNotFoundError as err:
+            raise PublishError(
+                f"the model repo {model_id} does not exist on the Hub (or is private to another account); "
+                f"push it first with `python -m hub push DIR {model_id}`."
+            ) from err
+        if model.private:
+            log.warning(
+                "%s is private: add an HF_TOKEN secret with read access to the Space so the app can download it.", model_id
+            )
+        url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        space_id = url.repo_id
+        api.add_space_variable(space_id, "MODEL_ID", model_id, description="model the demo serves (app.py --model)")
+        if model_revision:
+            api.add_space_variable(space_id, "MODEL_REVISION", model_revision, description="model revision (app.py --revision)")
+        if hardware:
+            api.request_space_hardware(space_id, hardware)
+        existing = api.list_repo_files(space_id, repo_type="space")
+        stale = [f for f in existing if f.startswith(SPACE_MANAGED) and f not in files]
+        operations: list[Any] = [CommitOperationDelete(path_in_repo=f) for f in stale]
+        operations += [CommitOperationAdd(path_in_repo=f, path_or_fileobj=root / f) for f in files]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
+        api.create_commit(
+            space_id,
+            repo_type="space",
+            operations=operations,
+            commit_message=commit_message or f"Deploy the saliency demo for {model_id}",
+        )
+    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, TransportError, OSError) as err:
+        raise _explain(err, space_id) from err
+    log.info("uploaded %d files to %s (MODEL_ID=%s); it builds now and is shared at %s", len(files) + 1, space_id, model_id, url)
+    return str(url)

@@ -293,9 +293,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         write_split({"train": train_samples, "val": val_samples}, Path(cfg.data), out)
         atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
     if world > 1:
-        dist.barrier()  # rank 0 has scanned and written split.json
-        splits = load_splits(Path(cfg.data), out, cfg.val_fraction, cfg.seed)
-        train_samples, val_samples = splits["train"], splits["val"]
+        dist.barrier()  # rank 0 has scanned the data and written split.json: every rank uses its list
+        kept = json.loads((out / "split.json").read_text())
+        by_id = {k: {s.id: s for s in v} for k, v in splits.items()}
+        train_samples, val_samples = ([by_id[k][i] for i in kept[k]] for k in ("train", "val"))
     log.info("data: %d train, %d val images from %s", len(train_samples), len(val_samples), cfg.data)
 
     weights = None if cfg.backbone_weights.lower() == "none" or checkpoint is not None else cfg.backbone_weights

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory, quality. They print figures; they never assert times."""

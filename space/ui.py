@@ -1,0 +1,524 @@
+"""The Gradio Blocks of the demo: drop a picture, see where people look.
+
+    demo = build_demo(ModelStore(ModelSpec("me/saliency-unet")))
+    launch(demo, host="127.0.0.1", port=7860)
+
+The model runs once per upload; the map is kept in a `gr.State`, and every display control
+(colormap, opacity, blur, number of peak regions) only re-renders from it. Handlers receive the
+raw upload payload (`preprocess=False`) so that every file, however strange, is decoded by the
+project's one image reader (`hub.preprocess.load_image`, via `serving.read_upload`) and any
+failure becomes one `gr.Error` sentence.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from hub.preprocess import COLORMAPS, map_to_image
+from space import render, serving
+from space.serving import ModelLoadError, ModelStore, UploadError
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+# The colormaps offered: all of hub.preprocess.COLORMAPS, the most useful first.
+_PREFERRED = ("turbo", "jet", "inferno", "viridis", "hot")
+COLORMAP_CHOICES = [c for c in _PREFERRED if c in COLORMAPS] + [c for c in COLORMAPS if c not in _PREFERRED]
+
+TITLE = "Where do people look?"
+INTRO = (
+    "Drop a photo (or paste one, or use the webcam) and a ResNet50 U-Net trained on eye-tracking data "
+    "predicts where people's eyes go in the first seconds of viewing. Uploads and results are kept "
+    "on this server only temporarily and are never shared."
+)
+CSS = """
+.gradio-container {max-width: 1280px !important; margin: 0 auto;}
+#status p {margin: 0;}
+#stats table {font-variant-numeric: tabular-nums;}
+@media (max-width: 640px) {
+  h1 {font-size: 1.45rem !important;}
+  #stats table {font-size: 0.8rem;}
+  #stats td, #stats th {padding: 4px 6px !important; word-break: normal !important;}
+}
+"""
+# Raw <head> CSS: gradio scopes `css` to the content area, but the page's own 32 px side padding
+# must shrink on phones for the columns (min 280 px) to fit a 390 px screen without sideways scrolling.
+HEAD = (
+    "<style>@media (max-width: 640px) "
+    "{ .main.fillable { padding-left: 8px !important; padding-right: 8px !important; } }</style>"
+)
+
+
+@dataclass(frozen=True)
+class Display:
+    """What the display controls are set to (also the API's fixed rendering)."""
+
+    colormap: str = "turbo"
+    opacity: float = 0.6
+    blur: float = 0.0  # Gaussian sigma, % of the image's longer side
+    peaks: int = 3
+
+    @classmethod
+    def of(cls, colormap: Any, opacity: Any, blur: Any, peaks: Any) -> Display:
+        """From raw control values, with anything out of range clamped (the API can send anything)."""
+        default = cls()
+        cmap = colormap if colormap in COLORMAPS else default.colormap
+        return cls(
+            colormap=cmap,
+            opacity=float(np.clip(_num(opacity, default.opacity), 0.0, 1.0)),
+            blur=float(np.clip(_num(blur, default.blur), 0.0, 10.0)),
+            peaks=int(np.clip(_num(peaks, default.peaks), 0, 5)),
+        )
+
+
+DEFAULT = Display()
+
+
+def _num(value: Any, default: float) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if np.isfinite(out) else default
+
+
+@dataclass
+class Analysis:
+    """One upload's prediction, kept per session so display changes never re-run the model."""
+
+    name: str
+    image: np.ndarray  # H x W x 3 uint8, output size (original up to serving.MAX_OUTPUT_SIDE)
+    saliency: np.ndarray  # H x W float32 in [0, 1], same size
+    preview_image: np.ndarray  # the same, at most serving.PREVIEW_SIDE px
+    preview_map: np.ndarray
+    folder: Path  # where this upload's download files are written
+    stats_cache: dict[tuple[float, int], render.AttentionStats] = field(default_factory=dict)
+    map_file: Path | None = None
+
+    @property
+    def stem(self) -> str:
+        return _safe_stem(self.name)
+
+    def stats(self, display: Display) -> render.AttentionStats:
+        key = (display.blur, display.peaks)
+        if key not in self.stats_cache:
+            shown = render.blur(self.preview_map, display.blur / 100)
+            self.stats_cache[key] = render.attention_stats(shown, display.peaks)
+        return self.stats_cache[key]
+
+    def save_map(self) -> Path:
+        """The map as a 16-bit PNG at full size (written once per upload)."""
+        if self.map_file is None:
+            self.map_file = render.save_map_png(self.saliency, self.folder / f"{self.stem}_saliency.png")
+        return self.map_file
+
+    def save_overlay(self, display: Display) -> Path:
+        """The full-size overlay as PNG, for the current display settings."""
+        return render.save_rgb_png(self.overlay(display, full_size=True), self.folder / f"{self.stem}_overlay.png")
+
+    def overlay(self, display: Display, full_size: bool = False) -> np.ndarray:
+        image, saliency = (self.image, self.saliency) if full_size else (self.preview_image, self.preview_map)
+        out, _ = render.render_overlay(
+            image,
+            saliency,
+            colormap=display.colormap,
+            opacity=display.opacity,
+            sigma=display.blur / 100,
+            stats=self.stats(display),
+        )
+        return out
+
+
+def _safe_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
+    return stem[:80]
+
+
+# -- text shown on the page ------------------------------------------------------------------------
+
+
+def stats_markdown(stats: render.AttentionStats, size: tuple[int, int]) -> str:
+    """The attention statistics as Markdown: a one-line summary and a table of the numbered regions."""
+    h, w = size
+    lines = []
+    if stats.regions:
+        n = len(stats.regions)
+        lines.append(
+            f"**The {n} numbered peak region{'s' if n > 1 else ''} hold{'' if n > 1 else 's'} "
+            f"{stats.regions_share:.0%} of the predicted attention in {stats.regions_area:.0%} of the image.**"
+        )
+    lines.append(
+        f"The 10 % most salient pixels hold {stats.top10_share:.0%} of it "
+        "(10 % would mean attention spread evenly; near 100 %, one spot takes it all)."
+    )
+    if stats.regions:
+        lines += ["", "| # | Share | Area | Centre (px) | Peak |", "|---|---|---|---|---|"]
+        for r in stats.regions:
+            cx, cy = round(r.centroid[0] * w), round(r.centroid[1] * h)
+            lines.append(f"| {r.index} | {r.share:.1%} | {r.area:.1%} | {cx}, {cy} | {r.peak_value:.2f} |")
+        lines += [
+            "",
+            "*Share*: the region's part of all predicted attention. A region is the area around a peak where "
+            "the map stays above half the peak's value; *Peak* is its height relative to the highest peak.",
+        ]
+    return "\n".join(lines)
+
+
+def status_markdown(store: ModelStore, upload: serving.Upload | None = None, seconds: float | None = None) -> str:
+    where = f"**{store.device_label()}**"
+    if upload is None:
+        if store.error is not None:
+            return f"⚠️ {store.error}"
+        state = "ready" if store.loaded else "loading…"
+        return f"Model `{store.spec.model}` on {where} ({state}). Drop an image to start."
+    oh, ow = upload.original_size
+    parts = [f"{where} · inference {seconds:.2f} s · {ow} × {oh} px"]
+    if upload.downscaled:
+        h, w = upload.image.shape[:2]
+        parts.append(f"maps at {w} × {h} (the cap is {serving.MAX_OUTPUT_SIDE} px per side)")
+    if upload.animated:
+        parts.append("first frame of an animated image")
+    return " · ".join(parts)
+
+
+# -- handlers ------------------------------------------------------------------------------------------
+
+
+def _fail(err: BaseException, name: str = "the image") -> gr.Error:
+    """One gr.Error sentence for anything a handler can hit (and a log line with the traceback)."""
+    if isinstance(err, (UploadError, ModelLoadError)):
+        return gr.Error(str(err))
+    if isinstance(err, MemoryError):
+        return gr.Error(f"The server ran out of memory on {name}; try a smaller image.")
+    log.exception("unexpected error on %s", name)
+    return gr.Error(f"Something went wrong on {name} ({type(err).__name__}: {err}); try another image.")
+
+
+class Handlers:
+    """The functions behind the page's events, closing over one model store and output folders."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.folders = serving.OutputFolders()
+        self.infer = serving.on_gpu(store.predict)
+
+    def _analyse_one(self, payload: Any) -> tuple[Analysis, serving.Upload, float]:
+        folder = self.folders.new()
+        path, name = serving.read_payload(payload, folder)
+        upload = serving.read_upload(path, name)
+        self.store.get()  # load in this process first: on ZeroGPU `infer` runs in a forked worker
+        (saliency,), seconds = self.infer([upload.image])
+        analysis = Analysis(
+            name=name,
+            image=upload.image,
+            saliency=saliency,
+            preview_image=render.fit_within(upload.image, serving.PREVIEW_SIDE),
+            preview_map=render.fit_within(saliency, serving.PREVIEW_SIDE),
+            folder=folder,
+        )
+        return analysis, upload, seconds
+
+    def analyse(self, payload: Any, colormap: Any, opacity: Any, blur: Any, peaks: Any) -> tuple:
+        """Upload -> state, overlay, grey map, before/after, statistics, status (files follow in `export`)."""
+        if payload is None:  # the input was cleared
+            return None, None, None, None, "", status_markdown(self.store)
+        display = Display.of(colormap, opacity, blur, peaks)
+        name = payload.get("orig_name", "the image") if isinstance(payload, dict) else "the image"
+        try:
+            analysis, upload, seconds = self._analyse_one(payload)
+            overlay = analysis.overlay(display)
+            stats = stats_markdown(analysis.stats(display), analysis.saliency.shape)
+        except Exception as err:
+            raise _fail(err, name) from err
+        if upload.tiny:
+            h, w = upload.original_size
+            gr.Warning(f"{upload.name} is only {w} x {h} pixels; a map of an image this small says little.")
+        return (
+            analysis,
+            overlay,
+            np.asarray(map_to_image(analysis.preview_map)),
+            (analysis.preview_image, overlay),
+            stats,
+            status_markdown(self.store, upload, seconds),
+        )
+
+    def rerender(self, analysis: Analysis | None, colormap: Any, opacity: Any, blur: Any, peaks: Any) -> tuple:
+        """A display control changed: overlay, before/after and statistics, without the model."""
+        if analysis is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        display = Display.of(colormap, opacity, blur, peaks)
+        try:
+            overlay = analysis.overlay(display)
+            stats = stats_markdown(analysis.stats(display), analysis.saliency.shape)
+        except Exception as err:
+            raise _fail(err, analysis.name) from err
+        return overlay, (analysis.preview_image, overlay), stats
+
+    def export(self, analysis: Analysis | None, colormap: Any, opacity: Any, blur: Any, peaks: Any) -> tuple:
+        """The full-size map and overlay PNGs for the download buttons, written after the page shows
+        the preview (a 4096 px PNG takes about a second to encode)."""
+        if analysis is None:  # the input was cleared: nothing to download
+            return gr.update(value=None, interactive=False), gr.update(value=None, interactive=False)
+        try:
+            map_file = analysis.save_map()
+            overlay_file = analysis.save_overlay(Display.of(colormap, opacity, blur, peaks))
+            return (
+                gr.update(value=str(map_file), interactive=True),
+                gr.update(value=str(overlay_file), interactive=True),
+            )
+        except Exception as err:
+            raise _fail(err, analysis.name) from err
+
+    def export_overlay(self, analysis: Analysis | None, colormap: Any, opacity: Any, blur: Any, peaks: Any) -> Any:
+        """The full-size overlay PNG again, after a display control changed."""
+        if analysis is None:
+            return gr.skip()
+        try:
+            return str(analysis.save_overlay(Display.of(colormap, opacity, blur, peaks)))
+        except Exception as err:
+            raise _fail(err, analysis.name) from err
+
+    def api_predict(self, image: Any) -> tuple[str, str]:
+        """The /predict endpoint: image in; overlay PNG (RGB) and map PNG (16-bit grey) out, both full size."""
+        if image is None:
+            raise gr.Error("No image was sent; pass one image file, e.g. handle_file('photo.jpg').")
+        name = image.get("orig_name", "the image") if isinstance(image, dict) else "the image"
+        try:
+            analysis, _, _ = self._analyse_one(image)
+            overlay_file = analysis.save_overlay(Display(peaks=0))  # a plain heatmap, no outlines
+            map_file = analysis.save_map()
+        except Exception as err:
+            raise _fail(err, name) from err
+        return str(overlay_file), str(map_file)
+
+    def batch(self, payloads: Any, colormap: Any, opacity: Any, blur: Any, peaks: Any) -> tuple:
+        """Several images -> gallery of overlays, one zip of maps (+ summary.csv), a status line."""
+        files = [p for p in (payloads or []) if p]
+        if not files:
+            raise gr.Error("Add one or more images to the batch first.")
+        if len(files) > serving.MAX_BATCH:
+            raise gr.Error(f"{len(files)} files is more than the {serving.MAX_BATCH} a batch takes; split them up.")
+        display = Display.of(colormap, opacity, blur, peaks)
+        folder = self.folders.new()
+        gallery: list[tuple[np.ndarray, str]] = []
+        failures: list[str] = []
+        rows: list[list[Any]] = []
+        timing = [0.0]
+
+        def entries() -> Iterator[tuple[str, bytes]]:
+            used: set[str] = set()
+            for start in range(0, len(files), serving.BATCH_CHUNK):
+                uploads = []
+                for payload in files[start : start + serving.BATCH_CHUNK]:
+                    try:
+                        path, name = serving.read_payload(payload, folder)
+                        uploads.append(serving.read_upload(path, name))
+                    except UploadError as err:
+                        failures.append(str(err))
+                if not uploads:
+                    continue
+                self.store.get()
+                maps, seconds = self.infer([u.image for u in uploads])
+                timing[0] += seconds
+                for upload, saliency in zip(uploads, maps):
+                    stem = _safe_stem(upload.name)
+                    while stem in used:
+                        stem += "_"
+                    used.add(stem)
+                    preview_map = render.fit_within(saliency, serving.PREVIEW_SIDE)
+                    shown = render.blur(preview_map, display.blur / 100)
+                    stats = render.attention_stats(shown, display.peaks)
+                    overlay, _ = render.render_overlay(
+                        render.fit_within(upload.image, serving.PREVIEW_SIDE),
+                        preview_map,
+                        colormap=display.colormap,
+                        opacity=display.opacity,
+                        sigma=display.blur / 100,
+                        stats=stats,
+                    )
+                    n = len(stats.regions)
+                    regions = f"{n} peak region{'' if n == 1 else 's'}"
+                    caption = f"{upload.name}: {regions}, {stats.regions_share:.0%} of the attention"
+                    gallery.append((overlay, caption))
+                    h, w = saliency.shape
+                    shares = (stats.regions_share, stats.regions_area, stats.top10_share)
+                    rows.append([f"{stem}_saliency.png", upload.name, w, h, n, *(f"{x:.4f}" for x in shares)])
+                    yield f"{stem}_saliency.png", render.png_bytes(map_to_image(saliency, bits=16))
+            table = io.StringIO()
+            writer = csv.writer(table)
+            writer.writerow(["map", "image", "width", "height", "regions", "regions_share", "regions_area", "top10_share"])
+            writer.writerows(rows)
+            yield "summary.csv", table.getvalue().encode("utf-8")
+
+        try:
+            archive = render.write_zip(entries(), folder / "saliency_maps.zip")
+        except Exception as err:
+            raise _fail(err, "the batch") from err
+        if not gallery:
+            raise gr.Error(f"None of the {len(files)} files could be read: " + " ".join(failures))
+        device = self.store.device_label()
+        status = f"{len(gallery)} of {len(files)} images on **{device}** in {timing[0]:.2f} s of inference."
+        if failures:
+            status += "\n\nSkipped: " + " ".join(failures)
+        return gallery, gr.update(value=str(archive), visible=True), status
+
+
+# -- the page ------------------------------------------------------------------------------------------
+
+
+def _image_input() -> gr.Image:
+    return gr.Image(
+        label="Your image",
+        sources=["upload", "clipboard", "webcam"],
+        type="filepath",
+        image_mode=None,  # decoding is ours (preprocess=False), whatever the mode
+        height=420,
+        elem_id="input-image",
+        placeholder="Drop an image here\nor click to upload · paste · use the webcam",
+    )
+
+
+def _result_views() -> tuple[gr.Image, gr.Image, gr.ImageSlider]:
+    """Overlay, grey map and before/after slider, one tab each (labels hidden: the tabs name them)."""
+    common = {"show_label": False, "interactive": False, "buttons": ["fullscreen"]}
+    with gr.Tabs():
+        with gr.Tab("Overlay", id="overlay"):
+            overlay = gr.Image(label="Predicted attention", format="webp", height=420, elem_id="overlay", **common)
+        with gr.Tab("Saliency map", id="map"):
+            grey = gr.Image(label="Saliency map (white = most looked at)", format="png", height=420, elem_id="map",
+                            **common)  # fmt: skip
+        with gr.Tab("Before / after", id="slider"):
+            slider = gr.ImageSlider(label="Drag to compare", format="webp", max_height=420, elem_id="before-after",
+                                    **common)  # fmt: skip
+    return overlay, grey, slider
+
+
+def _controls() -> list[gr.components.Component]:
+    """Colormap, opacity, blur and number of peak regions, in the order Handlers take them."""
+    with gr.Accordion("Display", open=True):
+        return [
+            gr.Radio(COLORMAP_CHOICES, value=DEFAULT.colormap, label="Colormap", elem_id="colormap"),
+            gr.Slider(0, 1, value=DEFAULT.opacity, step=0.05, label="Heatmap opacity", elem_id="opacity"),
+            gr.Slider(0, 10, value=DEFAULT.blur, step=0.5, label="Blur (% of image size)", elem_id="blur"),
+            gr.Slider(0, 5, value=DEFAULT.peaks, step=1, label="Numbered peak regions", elem_id="peaks"),
+        ]
+
+
+def build_demo(store: ModelStore) -> gr.Blocks:
+    """The whole page. Nothing runs until an event fires; the model loads on first use."""
+    h = Handlers(store)
+    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+    # Every path to the model shares one concurrency group: one inference at a time per process.
+    inference = {"concurrency_id": "inference", "concurrency_limit": serving.INFERENCE_CONCURRENCY}
+    private = {"api_visibility": "private"}  # the page's own events; the public API is /predict
+    quiet = {"show_progress": "hidden", **private}
+
+    with gr.Blocks(title=TITLE, delete_cache=(1800, 3600), analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Tabs():
+            with gr.Tab("Image", id="single"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=280):
+                        image_in = _image_input()
+                        gr.Examples(examples, inputs=image_in, label="Examples (public-domain photos)", elem_id="examples")
+                    with gr.Column(scale=1, min_width=280):
+                        status = gr.Markdown(status_markdown(store), elem_id="status")
+                        overlay, grey, slider = _result_views()
+                        with gr.Row():
+                            download = {"size": "md", "interactive": False}  # enabled once there is a file
+                            map_dl = gr.DownloadButton("Download map (16-bit PNG)", elem_id="download-map", **download)
+                            overlay_dl = gr.DownloadButton("Download overlay (PNG)", elem_id="download-overlay", **download)
+                        controls = _controls()
+                        stats = gr.Markdown(elem_id="stats")
+            with gr.Tab("Batch", id="batch"):
+                gr.Markdown(
+                    f"Up to {serving.MAX_BATCH} images at once. The zip holds each map as a 16-bit PNG at the "
+                    "image's size and a `summary.csv` of the attention statistics."
+                )
+                batch_in = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="batch-input")
+                batch_go = gr.Button("Predict all", variant="primary")
+                batch_status = gr.Markdown()
+                gallery = gr.Gallery(label="Overlays", columns=3, height="auto", format="webp", elem_id="gallery")
+                zip_dl = gr.DownloadButton("Download all maps (zip)", visible=False, elem_id="download-zip")
+        gr.Markdown(
+            f"Images up to {serving.MAX_UPLOAD_MB} MB and {serving.MAX_PIXELS // 1_000_000} MP; maps are returned at "
+            f"the original resolution up to {serving.MAX_OUTPUT_SIDE} px per side. Use the app from code through its "
+            "API (`/predict`, see *Use via API* below)."
+        )
+        state = gr.State(None, time_to_live=1800)  # the upload's Analysis: image and map
+
+        settings = [state, *controls]
+        image_in.change(
+            h.analyse, [image_in, *controls], [state, overlay, grey, slider, stats, status], preprocess=False,
+            show_progress_on=[overlay], trigger_mode="always_last", **inference, **private,
+        ).success(h.export, settings, [map_dl, overlay_dl], **quiet)  # fmt: skip
+        gr.on(
+            [c.change for c in controls], h.rerender, settings, [overlay, slider, stats],
+            trigger_mode="always_last", **quiet,
+        ).success(h.export_overlay, settings, overlay_dl, trigger_mode="always_last", **quiet)
+        batch_go.click(
+            h.batch, [batch_in, *controls], [gallery, zip_dl, batch_status], preprocess=False, **inference, **private
+        )
+        demo.load(lambda: status_markdown(store), None, status, **quiet)
+
+        # The public API, /predict: one image in; the overlay and the map out, as PNG files.
+        with gr.Column(visible=False):
+            api_in = gr.Image(type="filepath", image_mode=None, label="image")
+            api_outputs = [
+                gr.Image(format="png", label="overlay"),
+                gr.Image(format="png", label="saliency map (16-bit PNG)"),
+            ]
+        gr.on(
+            [], h.api_predict, api_in, api_outputs, api_name="predict", preprocess=False, **inference,
+            api_description="Saliency of one image: the heatmap overlay (RGB PNG) and the map (16-bit greyscale PNG), "
+            f"both at the image's size (up to {serving.MAX_OUTPUT_SIDE} px per side).",
+        )  # fmt: skip
+    return demo
+
+
+def launch(
+    demo: gr.Blocks,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    quiet: bool = False,
+) -> tuple[Any, str, str | None]:
+    """Queue and serve the demo without blocking; returns (app, local_url, share_url).
+
+    A share link that cannot be made (offline, blocked) is reported and the app keeps serving
+    locally. Call `demo.block_thread()` afterwards to keep the process alive.
+    """
+    demo.queue(max_size=serving.QUEUE_SIZE, default_concurrency_limit=4)
+    app, local_url, share_url = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=f"{serving.MAX_UPLOAD_MB}mb",
+        prevent_thread_lock=True,
+        quiet=quiet,
+        theme=gr.themes.Soft(primary_hue="orange", secondary_hue="slate"),
+        css=CSS,
+        head=HEAD,
+        footer_links=["api", "gradio"],
+    )
+    if share and not share_url and not demo.space_id:
+        print(
+            f"--share: gradio could not create a public share link (see its message above; usually no internet "
+            f"access or the share tunnel binary could not be downloaded), so the app is only served at {local_url}.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return app, local_url, share_url
+
