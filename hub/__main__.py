@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from huggingface_hub import SpaceHardware
 
+from hub.cli import setup_logging
 from hub.publish import PublishError, push, push_space
 
 
@@ -48,10 +48,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Our own progress at INFO; third-party clients (e.g. the HTTP library) only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("hub",):
-        logging.getLogger(name).setLevel(logging.INFO)
+    setup_logging("hub")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "push":

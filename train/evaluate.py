@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from hub.cli import setup_logging
 from hub.preprocess import map_to_image, resize_map
 from train import metrics as M
 from train.data import (
@@ -273,10 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Our own progress at INFO; third-party clients (e.g. the HTTP library) only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("train", "hub"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    setup_logging("train", "hub")
     args = build_parser().parse_args(argv)
     from hub import SaliencyUNet
     from hub.runtime import pick_device

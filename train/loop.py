@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from tqdm import tqdm
 
 from hub import SaliencyConfig, SaliencyUNet
+from hub.cli import setup_logging
 from hub.config import STAGES
 from hub.preprocess import tensor_to_maps
 from hub.publish import PublishError, export, push
@@ -175,7 +176,7 @@ def train_one_epoch(
             pred = model(image)
         loss, parts = loss_fn(pred, gt, fix)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss became {float(loss)} at epoch {epoch}, step {step} ({parts})")
+            raise NonFiniteLoss(f"the loss became {float(loss.detach())} at epoch {epoch}, step {step} ({parts})")
         loss.backward()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
@@ -453,10 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Our own progress at INFO; third-party clients (e.g. the HTTP library) only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("train", "hub"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    setup_logging("train", "hub")
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
     try:

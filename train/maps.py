@@ -28,6 +28,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from hub.cli import setup_logging
 from train.data import IMAGE_SUFFIXES, _by_stem, image_size
 from train.metrics import fixation_map_from_points, fixations_from_csv
 
@@ -90,10 +91,7 @@ def build_maps(images: Path, fixations_csv: Path, out: Path, sigma: float | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Our own progress at INFO; third-party clients (e.g. the HTTP library) only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("train", "hub"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    setup_logging("train", "hub")
     p = argparse.ArgumentParser(prog="python -m train.maps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, help="folder of stimuli, <id>.jpg")
     p.add_argument("--fixations", required=True, type=Path, help="CSV with id,x,y (1-based pixels)")
