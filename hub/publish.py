@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -47,8 +48,15 @@ def atomic_save(save: Callable[..., Any], directory: str | Path, **kwargs: Any) 
             if path.is_file():
                 target = directory / path.relative_to(tmp)
                 target.parent.mkdir(parents=True, exist_ok=True)
+                path.chmod(0o666 & ~_umask())  # some writers (safetensors) create 0600 files
                 path.replace(target)
     return result
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def export(model: Any, directory: str | Path, **card: Any) -> Path:
