@@ -38,6 +38,8 @@ MAX_CANDIDATES = 64
 STRIP_PIXELS = 1 << 20
 # Local maxima below this fraction of the global peak are noise, not places people look.
 MIN_PEAK = 0.05
+# A region holding less than this share of all attention is a speck (e.g. a border pixel), not a place.
+MIN_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,11 @@ def attention_stats(saliency: np.ndarray, top_k: int = 3) -> AttentionStats:
         mask = parts == parts[p]
         if (mask & taken).any():
             continue
-        taken |= mask
         weights = density[mask]
         share = float(weights.sum())
+        if share < MIN_SHARE:
+            continue
+        taken |= mask
         cx = float((xx[mask] * weights).sum() / share) if share > 0 else float(p[1])
         cy = float((yy[mask] * weights).sum() / share) if share > 0 else float(p[0])
         found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)

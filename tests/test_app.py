@@ -415,6 +415,12 @@ def test_peak_regions_of_two_blobs():
     assert render.attention_stats(np.zeros((20, 20), np.float32)).regions == ()
 
 
+def test_a_bright_speck_is_not_a_region():
+    m = blobs()
+    m[0, -1] = 0.12  # one stray border pixel: a local maximum holding ~0 % of the attention
+    assert len(render.attention_stats(m, top_k=3).regions) == 2
+
+
 def test_blur_keeps_size_and_peak_and_outlines_are_drawn():
     m = blobs()
     blurred = render.blur(m, 0.05)
