@@ -17,6 +17,7 @@ transposed conv to full resolution, a 3x3 conv to one channel and a sigmoid.
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -187,35 +188,51 @@ class SaliencyUNet(
         *,
         batch_size: int = 8,
         precision: str = "auto",
+        compile: bool = False,
     ) -> Any:
         """Saliency map(s) for one image or a list of images.
 
         image: a file path, a PIL.Image or an H x W x 3 uint8 RGB array (any size or mode), or a
             list of them (batched internally by `batch_size`).
         precision: "auto" (bf16 where the hardware does it natively: CUDA, or CPUs with
-            AVX512-BF16/AMX; fp32 otherwise), "bf16" or "fp32".
+            AVX512-BF16/AMX; fp32 otherwise), "bf16" (forced, slow where emulated) or "fp32".
+        compile: run a `torch.compile`d engine (inductor with frozen weights). The first call
+            for each new batch size compiles (20-35 s on a 2-core CPU); only worth it where
+            `python -m bench.infer --paths reference,default,compiled` shows a gain (none on an
+            AVX512-BF16 CPU, where the default engine is already near the matmul limit).
         Returns a float32 H x W array in [0, 1] (peak 1) at each image's original resolution,
-        or a list of them for a list input. Runs on the model's device without gradients.
+        or a list of them for a list input. Runs on the model's device without gradients, via
+        a fast copy of the model built on first use (see `hub.runtime`); the model itself is
+        left untouched (mode, layout, weights).
         """
-        from hub.runtime import autocast_context, prepare_for_inference
+        from hub.runtime import inference_engine
 
         single = isinstance(image, (str, os.PathLike, np.ndarray, Image.Image))
         items = [image] if single else list(image)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
-        was_training = self.training
-        prepare_for_inference(self)
+        engine = inference_engine(self, precision, compile=compile)
+        device = self.device
+        chunks = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+        # On a GPU, decoding and resizing the next batch (a CPU thread; PIL and OpenCV release the
+        # GIL) overlaps with the forward pass of the current one, which would otherwise wait for it.
+        prefetch = device.type == "cuda" and len(chunks) > 1
+
+        def load(chunk: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+            arrays = [load_image(x) for x in chunk]
+            x = images_to_tensor(arrays, self.config.input_size)
+            return (x.pin_memory() if prefetch else x), [a.shape[:2] for a in arrays]
+
         maps: list = []
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(items), batch_size):
-                    arrays = [load_image(x) for x in items[start : start + batch_size]]
-                    x = images_to_tensor(arrays, self.config.input_size).to(self.device, non_blocking=True)
-                    with autocast_context(self.device, precision):
-                        y = self(x)
-                    maps.extend(tensor_to_maps(y, [a.shape[:2] for a in arrays]))
-        finally:
-            self.train(was_training)
+        with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+            pending = pool.submit(load, chunks[0]) if prefetch else None
+            for i, chunk in enumerate(chunks):
+                if pending is not None:
+                    x, sizes = pending.result()
+                    pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+                else:
+                    x, sizes = load(chunk)
+                maps.extend(tensor_to_maps(engine(x.to(device, non_blocking=True)), sizes))
         return maps[0] if single else maps
 
     # -- Hub IO -----------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""Inference speed: the reference path against the path `predict()` uses, side by side, in one run.
+
+    python -m bench.infer                                   # CPU, 256x256,288x384,480x640, batch 1 and 8
+    python -m bench.infer --sizes 480x640 --batch 1 --paths reference,default,compiled
+    python -m bench.infer --device cuda --sizes 480x640 --batch 1,8,64
+    python -m bench.infer --model runs/nus --json bench-infer.json
+
+Paths (all at the same input resolution, on the same preprocessed batch of natural photos):
+- reference: fp32, NCHW, eager `model(x)` under `no_grad`, as the reference notebook ran it;
+- default:   what `predict()` runs (`hub.runtime.inference_engine(model, "auto")`): BN folded,
+             oneDNN-fused conv+ReLU(+add) with pre-packed weights on CPU, channels_last, bf16
+             where the hardware does it natively (fp32 otherwise);
+- compiled:  the same engine under `torch.compile` with inductor freezing (`predict(..., compile=True)`);
+             its one-off compile time is printed.
+
+Each round times every path once, then a large fp32 and a bf16 matmul, in turn, so all of them
+see the same machine load (on a shared machine the load average is printed). Reported per path:
+median / min / max ms per image, images/s, achieved GFLOP/s (FLOPs of one forward pass counted by
+torch's FlopCounterMode), that as a fraction of the fp32 and bf16 matmul GFLOP/s of the same
+rounds, the speedup (reference median / path median) and the fidelity: the lowest CC over the
+batch between the path's map and the reference's fp32 map. Beside it, the model's own
+sensitivity: the lowest CC between the fp32 maps of the batch and of the same batch with
++-half a grey level of noise added. An untrained model (the default stand-in) scores low there,
+and then no fast path can show CC near 1 on it: pass a trained model with --model.
+
+These are measurements, not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import cc, cpu_summary, load_model, natural_images, synchronize
+from hub.preprocess import images_to_tensor
+from hub.runtime import inference_engine, native_bf16, pick_device, resolve_precision
+
+PATHS = ("reference", "default", "compiled")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        try:
+            h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"size {part!r} is not HxW, e.g. 480x640") from None
+        sizes.append((h, w))
+    return sizes
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,8") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, not {text!r}")
+    return values
+
+
+def parse_paths(text: str) -> list[str]:
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in paths if p not in PATHS]
+    if bad or not paths:
+        raise argparse.ArgumentTypeError(f"unknown paths {bad}; choose from {', '.join(PATHS)}")
+    if "reference" not in paths:
+        paths.insert(0, "reference")  # every ratio and fidelity figure is against it
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("256x256,288x384,480x640"), help="HxW list")
+    p.add_argument("--batch", type=parse_ints, default=[1, 8], help="batch sizes, e.g. 1,8")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--paths", type=parse_paths, default=["reference", "default"],
+                   help="reference,default[,compiled] (compiled: 20-40 s of compiling per shape on a CPU)")  # fmt: skip
+    p.add_argument("--model", default=None, help="trained model folder or Hub repo id (default: random-init stand-in)")
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 7 on CPU, 30 on CUDA)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per path before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--fp32-stages", type=lambda t: tuple(x for x in t.split(",") if x), default=(), metavar="STAGES",
+                   help="stages kept in fp32 under bf16, e.g. stem,layer1,layer2 (default: none)")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, help="write one record per (size, batch, path) here")
+    return p
+
+
+def matmul_fn(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], Any], float]:
+    """A square matmul big enough to reach the machine's GEMM throughput, and its FLOPs."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return (lambda: torch.mm(a, b)), 2.0 * n**3
+
+
+def count_flops(model: torch.nn.Module, size: tuple[int, int], device: torch.device) -> float:
+    """FLOPs of one forward pass on one image, counted by torch (convolutions, matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(1, 3, *size, device=device))
+    return float(counter.get_total_flops())
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    repeat = args.repeat or (30 if device.type == "cuda" else 7)
+    model, what = load_model(args.model, device)
+    low = resolve_precision(device, "auto")
+    plan = "fp32 (no native bf16)" if low is None else "bf16"
+    if low is not None and args.fp32_stages:
+        plan += f", {'+'.join(args.fp32_stages)} in fp32"
+    print(f"torch {torch.__version__}; device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))  # fmt: skip
+    print(f"CPU: {cpu_summary()}")
+    print(f"model: {what}")
+    print(f"default path precision: {plan} (native bf16 on {device.type}: {native_bf16(device)})")
+    images, source = natural_images(max(args.batch))
+    print(f"inputs: {source}; {repeat} timed rounds per shape after {args.warmup} warm-up calls per path\n")
+
+    mm = {name: matmul_fn(device, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    for fn, _ in mm.values():
+        fn()
+    engines: dict[str, torch.nn.Module] = {}
+    if "default" in args.paths:
+        engines["default"] = inference_engine(model, "auto", fp32_stages=args.fp32_stages)
+    records: list[dict[str, Any]] = []
+    header = (f"{'size':>8} {'batch':>5} {'path':>9} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'img/s':>7} "
+              f"{'GFLOP/s':>7} {'%mm32':>6} {'%mm16':>6} | {'speedup':>7} {'CC':>8}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes:
+        flops = count_flops(model, size, device)
+        for batch in args.batch:
+            x = images_to_tensor(images[:batch], size).to(device)  # channels_last, as predict() feeds it
+            x_ref = x.contiguous()  # NCHW, as the reference notebook fed it
+            fns: dict[str, Callable[[], Any]] = {}
+            compile_s = None
+            for path in args.paths:
+                if path == "reference":
+                    fns[path] = lambda: _no_grad(model, x_ref)
+                elif path == "default":
+                    fns[path] = lambda e=engines["default"]: _inference(e, x)
+                else:
+                    engine = inference_engine(model, "auto", compile=True, fp32_stages=args.fp32_stages)
+                    compile_s, _ = timed(lambda e=engine: _inference(e, x), device)
+                    fns[path] = lambda e=engine: _inference(e, x)
+            outputs = {}
+            for path, fn in fns.items():
+                for _ in range(args.warmup):
+                    outputs[path] = fn()
+            times: dict[str, list[float]] = {k: [] for k in [*fns, *mm]}
+            for _ in range(repeat):
+                for path, fn in fns.items():
+                    t, outputs[path] = timed(fn, device)
+                    times[path].append(t / batch)
+                for name, (fn, _) in mm.items():
+                    times[name].append(timed(fn, device)[0])
+            mm_gflops = {name: mm[name][1] / statistics.median(times[name]) / 1e9 for name in mm}
+            ref_ms = statistics.median(times["reference"]) * 1000
+            ref_out = outputs["reference"].float()
+            noisy = (x_ref + (torch.rand_like(x_ref) - 0.5) / 255).clamp_(0, 1)
+            sensitivity = min(cc(o, r) for o, r in zip(_no_grad(model, noisy).float(), ref_out))
+            for path in fns:
+                ms = [t * 1000 for t in times[path]]
+                med = statistics.median(ms)
+                gflops = flops / (med / 1000) / 1e9
+                out = outputs[path].float()
+                fidelity = min(cc(out[i], ref_out[i]) for i in range(batch))
+                rec = {
+                    "size": f"{size[0]}x{size[1]}",
+                    "batch": batch,
+                    "path": path,
+                    "device": str(device),
+                    "ms_median": round(med, 3),
+                    "ms_min": round(min(ms), 3),
+                    "ms_max": round(max(ms), 3),
+                    "img_per_s": round(1000 / med, 3),
+                    "gflop_per_image": round(flops / 1e9, 3),
+                    "gflops_per_s": round(gflops, 2),
+                    "matmul_fp32_gflops_per_s": round(mm_gflops["fp32"], 1),
+                    "matmul_bf16_gflops_per_s": round(mm_gflops["bf16"], 1),
+                    "frac_matmul_fp32": round(gflops / mm_gflops["fp32"], 4),
+                    "frac_matmul_bf16": round(gflops / mm_gflops["bf16"], 4),
+                    "fidelity_cc": round(fidelity, 6),
+                    "sensitivity_cc": round(sensitivity, 6),
+                    "speedup": round(ref_ms / med, 3),
+                    "precision": "fp32" if path == "reference" else plan,
+                    "rounds": repeat,
+                    "model": what,
+                }
+                if path == "compiled":
+                    rec["compile_s"] = round(compile_s, 2)
+                records.append(rec)
+                print(f"{rec['size']:>8} {batch:>5} {path:>9} | {med:>10.1f} {min(ms):>7.1f} {max(ms):>7.1f} | "
+                      f"{rec['img_per_s']:>7.2f} {gflops:>7.1f} {100 * rec['frac_matmul_fp32']:>5.0f}% "
+                      f"{100 * rec['frac_matmul_bf16']:>5.0f}% | {rec['speedup']:>6.2f}x {fidelity:>8.5f}")  # fmt: skip
+            print(f"{'':>8} {'':>5} {'matmul':>9} | fp32 {mm_gflops['fp32']:.0f} GFLOP/s, bf16 {mm_gflops['bf16']:.0f} "
+                  f"GFLOP/s (same rounds); {flops / 1e9:.1f} GFLOP per image; model sensitivity CC {sensitivity:.5f}"
+                  + (f"; compile took {compile_s:.1f} s" if compile_s is not None else ""))  # fmt: skip
+    print(f"\nload average at the end: {cpu_summary().rsplit('load average ', 1)[1]}")
+    return records
+
+
+def _no_grad(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def _inference(engine: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return engine(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        pick_device(args.device)
+    except RuntimeError as err:  # --device cuda on a machine without a GPU
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    records = run(args)
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(args.json)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
