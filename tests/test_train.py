@@ -337,3 +337,15 @@ def test_fixations_from_csv_when_there_are_no_fixation_maps(tmp_path):
     assert sorted(zip(*np.nonzero(read_fixations(sample, (48, 64))))) == [(12, 10), (47, 63)]
     _, _, fix, _ = SaliencyDataset([sample], (24, 32))[0]
     assert int(fix.sum()) == 2
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tiny_data, tmp_path, monkeypatch):
+    import train.loop
+
+    def flat_validation(*args, **kwargs):
+        return {"n_images": 2, "metrics": {"cc": 0.5, "kld": 1.0}, "baselines": {}}
+
+    monkeypatch.setattr(train.loop, "evaluate", flat_validation)
+    result = run(tiny_config(tiny_data, tmp_path / "early", epochs=5, patience=2))
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]  # best at 1, then 2 stale epochs
+    assert result["best"]["epoch"] == 1
