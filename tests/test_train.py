@@ -204,6 +204,12 @@ def test_run_writes_a_loadable_folder_that_evaluate_reads(tiny_data, tmp_path, c
     assert set(metrics["epochs"][0]["val"]["metrics"]) >= {"cc", "kld", "nss", "sim", "auc_judd", "sauc"}
     card = (out / "README.md").read_text()
     assert "model-index" in card and "backbone_init" in card
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert list((out / "runs").glob("events.out.tfevents.*")), "no TensorBoard events were written"
     model = SaliencyUNet.from_pretrained(out)
     assert model.config.input_size == (64, 64)
     report = tmp_path / "report.json"
