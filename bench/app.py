@@ -44,6 +44,9 @@ DROP = """async ({selector, b64, name, type}) => {
     target.dispatchEvent(new DragEvent(kind, {bubbles: true, cancelable: true, dataTransfer: data}));
   }
 }"""
+# Chromium flags for a headless, offline run (shared with tests/test_browser.py).
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+DROP_ZONE = "#input-image button.upload-container"
 OVERLAY_LOADED = "() => { const i = document.querySelector('#overlay img'); return !!i && i.complete && i.naturalWidth; }"
 
 
@@ -85,17 +88,15 @@ def page_served(url: str) -> bool:
 def browser_latencies(url: str, photos: list[Path]) -> list[float]:
     from playwright.sync_api import sync_playwright
 
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"]  # fmt: skip
     times = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         for photo in [photos[0], *photos]:  # the first drop warms the page up and is not counted
             page.goto(url)
-            page.wait_for_selector("#input-image button.upload-container")
+            page.wait_for_selector(DROP_ZONE)
             data = base64.b64encode(photo.read_bytes()).decode()
-            payload = {"selector": "#input-image button.upload-container", "b64": data, "name": photo.name, "type": "image/jpeg"}
+            payload = {"selector": DROP_ZONE, "b64": data, "name": photo.name, "type": "image/jpeg"}
             start = time.perf_counter()
             page.evaluate(DROP, payload)
             page.wait_for_function(OVERLAY_LOADED, timeout=120_000, polling=10)

@@ -16,28 +16,12 @@ import pytest
 from app_process import ROOT, shared_app
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
+# The drop event, flags and selectors the app benchmark drives the page with: one definition.
+from bench.app import CHROMIUM, DROP, DROP_ZONE, LAUNCH_ARGS
+
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-# Dispatches dragenter, dragover and drop carrying a real File, as a user's drag-and-drop does.
-DROP = """async ({selector, b64, name, type}) => {
-  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-  const data = new DataTransfer();
-  data.items.add(new File([bytes], name, {type}));
-  const target = document.querySelector(selector);
-  for (const kind of ["dragenter", "dragover", "drop"]) {
-    target.dispatchEvent(new DragEvent(kind, {bubbles: true, cancelable: true, dataTransfer: data}));
-  }
-}"""
-DROP_ZONE = "#input-image button.upload-container"
 TIMEOUT_MS = 60_000
 
 
