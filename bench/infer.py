@@ -4,6 +4,7 @@
     python -m bench.infer --sizes 480x640 --batch 1 --paths reference,default,compiled
     python -m bench.infer --device cuda --sizes 480x640 --batch 1,8,64
     python -m bench.infer --model runs/nus --json bench-infer.json
+    python -m bench.infer --options --sizes 480x640 --batch 1              # what each predict() option costs
 
 Paths (all at the same input resolution, on the same preprocessed batch of natural photos):
 - reference: fp32, NCHW, eager `model(x)` under `no_grad`, as the reference notebook ran it;
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from bench.common import cc, cpu_summary, load_model, natural_images, synchronize
+from hub.config import parse_size
 from hub.preprocess import images_to_tensor
 from hub.runtime import inference_engine, native_bf16, pick_device, resolve_precision
 
@@ -47,14 +49,10 @@ PATHS = ("reference", "default", "compiled")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in text.split(","):
-        try:
-            h, w = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size {part!r} is not HxW, e.g. 480x640") from None
-        sizes.append((h, w))
-    return sizes
+    try:
+        return [parse_size(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_ints(text: str) -> list[int]:
@@ -91,7 +89,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-stages", type=lambda t: tuple(x for x in t.split(",") if x), default=(), metavar="STAGES",
                    help="stages kept in fp32 under bf16, e.g. stem,layer1,layer2 (default: none)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="write one record per (size, batch, path) here")
+    p.add_argument("--options", action="store_true",
+                   help="instead: the cost of each predict() option (centre prior, keep_aspect, flip TTA, blur) end to end, "
+                        "on photos of the first --sizes entry, side by side against the model without them")  # fmt: skip
     return p
+
+
+OPTIONS = {
+    "none": {},
+    "center_prior=8": {"center_prior": 8},
+    "keep_aspect": {"keep_aspect": True},
+    "flip_tta": {"flip_tta": True},
+    "blur=0.02": {"blur": 0.02},
+}
+
+
+def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Median ms per image of `predict()` (decode excluded: arrays in; resize, network, map back included)."""
+    from dataclasses import replace
+
+    from hub import SaliencyUNet
+    from hub.preprocess import resize_image
+
+    device = pick_device(args.device)
+    repeat = args.repeat or 7
+    base, what = load_model(args.model, device)
+    plain = {k: v for k, v in (("center_prior", 0), ("keep_aspect", False), ("flip_tta", False), ("blur", 0.0))}
+    variants = {**OPTIONS, "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
+    models = {}
+    for name, changes in variants.items():
+        m = SaliencyUNet(replace(base.config, **{**plain, **changes})).to(device).eval()
+        m.load_state_dict(base.state_dict(), strict=False)  # the prior's own parameters stay as initialised
+        models[name] = m
+    size = args.sizes[0]
+    images, source = natural_images(max(args.batch))
+    images = [resize_image(img, size) for img in images]
+    print(f"torch {torch.__version__}; device {device}; CPU: {cpu_summary()}")
+    print(f"model: {what}; config input_size {base.config.input_size}")
+    print(f"inputs: {source}, resized to {size[0]}x{size[1]}; predict() end to end; {repeat} rounds after {args.warmup} warm-up\n")
+    records = []
+    for batch in args.batch:
+        batch_images = images[:batch]
+        for m in models.values():
+            for _ in range(args.warmup):
+                m.predict(batch_images, batch_size=batch)
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(repeat):
+            for name, m in models.items():
+                t, _ = timed(lambda m=m: m.predict(batch_images, batch_size=batch), device)
+                times[name].append(t / batch * 1000)
+        ref = statistics.median(times["none"])
+        print(f"{'option':>16} {'batch':>5} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'x none':>6}")
+        for name, ms in times.items():
+            med = statistics.median(ms)
+            records.append({"option": name, "size": f"{size[0]}x{size[1]}", "batch": batch, "ms_median": round(med, 3),
+                            "ms_min": round(min(ms), 3), "ms_max": round(max(ms), 3), "ratio": round(med / ref, 3),
+                            "device": str(device), "model": what})
+            print(f"{name:>16} {batch:>5} | {med:>10.1f} {min(ms):>7.1f} {max(ms):>7.1f} | {med / ref:>5.2f}x")
+    print(f"\nload average at the end: {cpu_summary().rsplit('load average ', 1)[1]}")
+    return records
 
 
 def matmul_fn(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], Any], float]:
@@ -238,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:  # --device cuda on a machine without a GPU
         print(f"error: {err}", file=sys.stderr)
         return 2
-    records = run(args)
+    records = run_options(args) if args.options else run(args)
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")
         tmp.write_text(json.dumps(records, indent=1))

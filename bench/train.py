@@ -1,10 +1,10 @@
 """Training throughput: the model step and the data loader, measured separately.
 
     python -m bench.train [--data ../shared/data/nus_scene] [--size 288x384] [--batch 8] [--steps 6]
-                          [--workers 0,1,2] [--device auto|cpu|cuda] [--json OUT]
+                          [--workers 0,1,2] [--device auto|cpu|cuda] [--precision auto,fp32] [--json OUT]
 
-1. model: images/s of forward + backward + AdamW step on batches already on the device (bf16
-   autocast and channels_last on CUDA, as `python -m train` runs);
+1. model: images/s of forward + backward + AdamW step on batches already on the device, as
+   `python -m train` runs it (channels_last; bf16 autocast where native), per --precision;
 2. loader: images/s of decode + resize + augmentation (`train.data.SaliencyDataset`) per worker count.
 The smaller of the two limits training; the last line says which. Figures, never assertions.
 """
@@ -24,7 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from hub import SaliencyConfig, SaliencyUNet
-from hub.runtime import pick_device
+from hub.config import parse_size
+from hub.runtime import pick_device, resolve_precision
 from train.data import SaliencyDataset, find_samples
 from train.losses import SaliencyLoss
 
@@ -47,17 +48,14 @@ def synthetic_dataset(root: Path, n: int = 32) -> Path:
     return root
 
 
-def bench_model(size: tuple[int, int], batch: int, steps: int, device: torch.device) -> dict[str, float]:
+def bench_model(size: tuple[int, int], batch: int, steps: int, device: torch.device, precision: str = "auto") -> dict[str, float]:
+    """Images/s of one training step as `python -m train` runs it: channels_last, autocast per `precision`."""
     torch.manual_seed(0)
-    model = SaliencyUNet(SaliencyConfig(input_size=size)).to(device).train()
-    amp = device.type == "cuda"
-    if amp:
-        model = model.to(memory_format=torch.channels_last)
+    model = SaliencyUNet(SaliencyConfig(input_size=size)).to(device, memory_format=torch.channels_last).train()
+    low = resolve_precision(device, precision)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = SaliencyLoss()
-    x = torch.rand(batch, 3, *size, device=device)
-    if amp:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
     gt = torch.rand(batch, 1, *size, device=device)
     gt = gt / gt.flatten(1).sum(1).view(-1, 1, 1, 1)
     fix = (torch.rand(batch, 1, *size, device=device) > 0.999).float()
@@ -67,7 +65,7 @@ def bench_model(size: tuple[int, int], batch: int, steps: int, device: torch.dev
             torch.cuda.synchronize()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             pred = model(x)
         loss, _ = loss_fn(pred, gt, fix)
         loss.backward()
@@ -77,7 +75,8 @@ def bench_model(size: tuple[int, int], batch: int, steps: int, device: torch.dev
         if step >= 2:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"ms_per_step": median * 1e3, "img_per_s": batch / median, "steps": steps}
+    return {"ms_per_step": median * 1e3, "img_per_s": batch / median, "steps": steps,
+            "precision": "fp32" if low is None else "bf16 autocast"}
 
 
 def bench_loader(data: Path, size: tuple[int, int], batch: int, workers: int, batches: int) -> dict[str, float]:
@@ -107,14 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--loader-batches", type=int, default=6)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto,fp32", help="training precisions to time side by side (auto, bf16, fp32)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    size = tuple(int(v) for v in args.size.split("x"))
+    size = parse_size(args.size)
     device = pick_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, batch {args.batch}")
 
-    model = bench_model(size, args.batch, args.steps, device)
-    print(f"model step (fwd+bwd+AdamW): {model['ms_per_step']:.0f} ms per batch, {model['img_per_s']:.2f} img/s")
+    models = {p: bench_model(size, args.batch, args.steps, device, p) for p in args.precision.split(",")}
+    for p, r in models.items():
+        print(f"model step (fwd+bwd+AdamW), --precision {p} ({r['precision']}): {r['ms_per_step']:.0f} ms per batch, "
+              f"{r['img_per_s']:.2f} img/s")
+    model = models[args.precision.split(",")[0]]
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data if args.data.is_dir() else synthetic_dataset(Path(tmp))
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({best['workers']} workers)")
     if args.json is not None:
         args.json.write_text(json.dumps({"device": str(device), "size": args.size, "batch": args.batch,
-                                         "model": model, "loader": loaders, "limited_by": limit}, indent=1))
+                                         "model": model, "model_by_precision": models, "loader": loaders, "limited_by": limit}, indent=1))
     return 0
 
 

@@ -10,6 +10,7 @@ import sys
 from huggingface_hub import SpaceHardware
 
 from hub.cli import setup_logging
+from hub.config import parse_size
 from hub.publish import PublishError, push, push_space
 
 
@@ -41,10 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _size(text: str) -> tuple[int, int]:
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 288x384") from None
-    return h, w
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,8 +70,15 @@ Image.fromarray(overlay("photo.jpg", saliency, colormap="jet", alpha=0.6)).save(
 
 `predict` takes a path, a `PIL.Image` or an H x W x 3 uint8 RGB array (grey, RGBA, palette,
 16-bit and CMYK images are converted; EXIF orientation is applied), or a list of them (batched).
-It runs at {{ config.input_size[0] }} x {{ config.input_size[1] }} pixels and resizes the map back; ImageNet
-mean/std normalisation happens inside the model, so a raw forward pass takes RGB in [0, 1].
+{% if config.keep_aspect -%}
+It keeps each image's aspect: the longer side is resized to {{ config.input_size | max }} pixels, the shorter one to
+the nearest multiple of 32; the map is resized back.
+{%- else -%}
+It runs at {{ config.input_size[0] }} x {{ config.input_size[1] }} pixels and resizes the map back.
+{%- endif %}
+{% if config.flip_tta %}The map is the mean of the image's and its mirror image's maps (test-time flip averaging). {% endif %}
+{%- if config.blur %}A Gaussian blur of sigma {{ config.blur }} x the map's longer side, calibrated on validation data, is applied to the output. {% endif %}
+ImageNet mean/std normalisation happens inside the model, so a raw forward pass takes RGB in [0, 1].
 
 ## Architecture
 
@@ -80,6 +87,10 @@ mean/std normalisation happens inside the model, so a raw forward pass takes RGB
   convolution (k=4, s=2) + skip concatenation + 1x1 fusion ({{ config.decoder_channels[:4] | join(", ") }}
   channels), a last transposed convolution to {{ config.decoder_channels[4] }} channels at full
   resolution, a 3x3 convolution and a sigmoid. Every conv is followed by BatchNorm and ReLU.
+{%- if config.center_prior %}
+- Centre bias: {{ config.center_prior }} learned Gaussian maps of the image frame (learned centres and widths)
+  are concatenated to the last skip fusion, so the content pathway need not learn "the middle".
+{%- endif %}
 - {{ "{:,}".format(num_parameters) }} parameters; any input size works (padded to a multiple of 32 and cropped back).
 - Frozen during fine-tuning: {{ config.frozen_stages | join(", ") if config.frozen_stages else "nothing" }}.
 

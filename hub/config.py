@@ -24,6 +24,17 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int, int]] = {
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"288x384" -> (288, 384): the one reader of HxW sizes (flags of the CLIs and benchmarks)."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not HxW, e.g. 288x384.") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"size {text!r} must have a positive height and width, e.g. 288x384.")
+    return h, w
+
+
 @dataclass
 class SaliencyConfig:
     """Architecture and input contract of `SaliencyUNet`.
@@ -39,6 +50,14 @@ class SaliencyConfig:
     mean, std: ImageNet RGB statistics applied *inside* the model; callers feed RGB in [0, 1].
     frozen_stages: encoder stages that get no gradients and whose BatchNorm statistics stay
         fixed in train mode (any of "stem", "layer1" ... "layer4").
+    center_prior: number of learned Gaussian centre-bias maps fed to the decoder (0: none).
+        People look at the middle of a picture whatever it shows; explicit prior maps (as in
+        SAM and UNISAL) spare the content pathway from learning that, so it learns content.
+    keep_aspect: resize each image so its longer side is `max(input_size)` and its shorter side
+        the nearest multiple of 32 (aspect kept), instead of stretching it to `input_size`.
+    flip_tta: average the map of the image and of its mirror image (test-time augmentation).
+    blur: sigma of a Gaussian blur applied to the output map, as a fraction of its longer side
+        (0: none); calibrated on validation data by `python -m train`.
     """
 
     backbone: str = "resnet50"
@@ -47,6 +66,10 @@ class SaliencyConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     frozen_stages: tuple[str, ...] = ("stem", "layer1")
+    center_prior: int = 0
+    keep_aspect: bool = False
+    flip_tta: bool = False
+    blur: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; normalise so configs compare equal.
@@ -67,6 +90,12 @@ class SaliencyConfig:
             raise ValueError(f"input_size {self.input_size} must be (height, width), each at least 32 pixels.")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean {self.mean} and std {self.std} must be 3 RGB values with std > 0.")
+        self.center_prior, self.blur = int(self.center_prior), float(self.blur)
+        self.keep_aspect, self.flip_tta = bool(self.keep_aspect), bool(self.flip_tta)
+        if self.center_prior < 0 or not 0.0 <= self.blur < 0.5:
+            raise ValueError(
+                f"center_prior {self.center_prior} must be >= 0 and blur {self.blur} in [0, 0.5) (a fraction of the map's longer side)."
+            )
         unknown = [s for s in self.frozen_stages if s not in STAGES]
         if unknown:
             raise ValueError(f"frozen_stages {unknown} are not encoder stages; choose from {list(STAGES)}.")

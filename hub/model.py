@@ -32,7 +32,7 @@ from torch import nn
 
 from hub.card import build_card
 from hub.config import STAGES, SaliencyConfig
-from hub.preprocess import ImageInput, images_to_tensor, load_image, tensor_to_maps
+from hub.preprocess import ImageInput, images_to_tensor, load_image, model_input_size, tensor_to_maps
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,41 @@ def _build_backbone(name: str, weights: str | os.PathLike | None) -> nn.Module:
     return net
 
 
+class CenterPrior(nn.Module):
+    """K learned Gaussian maps of the image frame: the centre bias, learned rather than left to the content pathway.
+
+    Each map k is exp(-(u - mu_x)^2 / (2 sx^2) - (v - mu_y)^2 / (2 sy^2)) in coordinates u, v in
+    [0, 1] across the image's width and height (peak 1), with learned means and log-sigmas; so a
+    prior follows the frame of any aspect. Initialised without randomness: centres on a small
+    grid around the middle, widths from narrow to broad.
+    """
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        k = torch.arange(count, dtype=torch.float32)
+        angle = 2.399963 * k  # golden-angle spiral: distinct centres for any count
+        radius = 0.15 * torch.sqrt((k + 0.5) / max(count, 1))
+        self.mu = nn.Parameter(torch.stack([0.5 + radius * torch.cos(angle), 0.5 + radius * torch.sin(angle)], 1))
+        sigma = torch.linspace(0.08, 0.4, count) if count > 1 else torch.full((count,), 0.2)
+        self.log_sigma = nn.Parameter(torch.log(torch.stack([sigma, sigma * 0.8], 1)))
+
+    def forward(self, like: torch.Tensor, valid: tuple[int, int] | None = None) -> torch.Tensor:
+        """B x K x h x w maps on the grid of `like` (B x C x h x w), in its dtype.
+
+        valid: the (height, width) of the grid that the image covers (the rest is padding), in
+        `like`'s pixels; the frame [0, 1] spans that part.
+        """
+        b, _, h, w = like.shape
+        vh, vw = valid if valid is not None else (h, w)
+        mu, sigma = self.mu.float(), self.log_sigma.float().exp()
+        u = (torch.arange(w, device=like.device, dtype=torch.float32) + 0.5) / vw  # 1 x W
+        v = (torch.arange(h, device=like.device, dtype=torch.float32) + 0.5) / vh  # 1 x H
+        gx = torch.exp(-0.5 * ((u[None, :] - mu[:, :1]) / sigma[:, :1]) ** 2)  # K x W
+        gy = torch.exp(-0.5 * ((v[None, :] - mu[:, 1:]) / sigma[:, 1:]) ** 2)  # K x H
+        maps = gy[:, :, None] * gx[:, None, :]  # K x H x W (separable)
+        return maps.to(like.dtype)[None].expand(b, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+
+
 class SaliencyUNet(
     nn.Module,
     PyTorchModelHubMixin,
@@ -130,7 +165,10 @@ class SaliencyUNet(
         self.up4, self.fuse4 = up_bn_relu(d1, d1), conv_bn_relu(d1 + c4, d1)
         self.up3, self.fuse3 = up_bn_relu(d1, d2), conv_bn_relu(d2 + c3, d2)
         self.up2, self.fuse2 = up_bn_relu(d2, d3), conv_bn_relu(d3 + c2, d3)
-        self.up1, self.fuse1 = up_bn_relu(d3, d4), conv_bn_relu(d4 + c1, d4)
+        self.up1 = up_bn_relu(d3, d4)
+        # Registered before fuse1 and head: the inference engine treats the last child as the head.
+        self.prior = CenterPrior(config.center_prior) if config.center_prior else None
+        self.fuse1 = conv_bn_relu(d4 + c1 + config.center_prior, d4)
         self.up0 = up_bn_relu(d4, d5)
         self.head = nn.Conv2d(d5, 1, kernel_size=3, padding=1)
 
@@ -173,9 +211,28 @@ class SaliencyUNet(
         y = self.fuse4(torch.cat([self.up4(y), s4], dim=1))
         y = self.fuse3(torch.cat([self.up3(y), s3], dim=1))
         y = self.fuse2(torch.cat([self.up2(y), s2], dim=1))
-        y = self.fuse1(torch.cat([self.up1(y), s1], dim=1))
+        y = self.up1(y)
+        parts = [y, s1]
+        if self.prior is not None:
+            parts.append(self.prior(y, valid=(-(-h // 2), -(-w // 2))).to(y.dtype))
+        y = self.fuse1(torch.cat(parts, dim=1))
         y = self.head(self.up0(y))
         return torch.sigmoid(y[:, :, :h, :w])
+
+    def infer(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+        """What `predict` computes on a batch at model size: B x 3 x h x w in [0, 1] -> B x 1 x h x w fp32.
+
+        The forward pass of `net` (the model itself, or its inference engine) with the config's
+        test-time flip averaging and blur. Training's validation calls it too, so the scores it
+        selects by are those of the published behaviour.
+        """
+        net = self if net is None else net
+        if self.config.flip_tta:
+            both = net(torch.cat([x, x.flip(-1)])).float()
+            y = 0.5 * (both[: len(x)] + both[len(x) :].flip(-1))
+        else:
+            y = net(x).float()
+        return gaussian_blur(y, self.config.blur * max(y.shape[-2:])) if self.config.blur > 0 else y
 
     # -- inference ------------------------------------------------------------------------------
     @property
@@ -218,21 +275,34 @@ class SaliencyUNet(
         # GIL) overlaps with the forward pass of the current one, which would otherwise wait for it.
         prefetch = device.type == "cuda" and len(chunks) > 1
 
-        def load(chunk: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        cfg = self.config
+
+        def load(chunk: list) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int]]]]:
+            """The chunk as batches of one model size each: (tensor, positions in chunk, original sizes)."""
             arrays = [load_image(x) for x in chunk]
-            x = images_to_tensor(arrays, self.config.input_size)
-            return (x.pin_memory() if prefetch else x), [a.shape[:2] for a in arrays]
+            groups: dict[tuple[int, int], list[int]] = {}
+            for j, a in enumerate(arrays):
+                groups.setdefault(model_input_size(a.shape[:2], cfg.input_size, cfg.keep_aspect), []).append(j)
+            batches = []
+            for size, members in groups.items():
+                x = images_to_tensor([arrays[j] for j in members], size)
+                batches.append((x.pin_memory() if prefetch else x, members, [arrays[j].shape[:2] for j in members]))
+            return batches
 
         maps: list = []
         with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
             pending = pool.submit(load, chunks[0]) if prefetch else None
             for i, chunk in enumerate(chunks):
                 if pending is not None:
-                    x, sizes = pending.result()
+                    batches = pending.result()
                     pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
                 else:
-                    x, sizes = load(chunk)
-                maps.extend(tensor_to_maps(engine(x.to(device, non_blocking=True)), sizes))
+                    batches = load(chunk)
+                out: list = [None] * len(chunk)
+                for x, members, sizes in batches:
+                    for j, m in zip(members, tensor_to_maps(self.infer(x.to(device, non_blocking=True), engine), sizes)):
+                        out[j] = m
+                maps.extend(out)
         return maps[0] if single else maps
 
     # -- Hub IO -----------------------------------------------------------------------------------
@@ -296,6 +366,21 @@ class SaliencyUNet(
         model.to(map_location)
         model.eval()
         return model
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """B x C x H x W maps blurred by an isotropic Gaussian of `sigma` pixels (separable, reflected border)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, min(int(4.0 * sigma + 0.5), min(maps.shape[-2:]) - 1))
+    t = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    b, c, h, w = maps.shape
+    y = maps.reshape(b * c, 1, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return y.reshape(b, c, h, w)
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:

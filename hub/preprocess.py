@@ -165,6 +165,21 @@ def resize_map(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_image(saliency.astype(np.float32, copy=False), size)
 
 
+def model_input_size(image_size: tuple[int, int], input_size: tuple[int, int], keep_aspect: bool) -> tuple[int, int]:
+    """(height, width) at which the model sees an image of image_size = (H, W).
+
+    Stretched to `input_size`, or with keep_aspect: the longer side becomes max(input_size) and
+    the shorter one the nearest multiple of 32 to the aspect-true length (at least 32), so the
+    network needs no padding and a 9:16 phone photo is not squeezed into 4:3.
+    """
+    if not keep_aspect:
+        return tuple(input_size)  # type: ignore[return-value]
+    h, w = image_size
+    long = max(input_size)
+    short = max(32, round(long * min(h, w) / max(h, w) / 32) * 32)
+    return (long, short) if h > w else (short, long)
+
+
 def images_to_tensor(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
     """Stack H x W x 3 uint8 RGB images into a B x 3 x h x w float tensor in [0, 1].
 

@@ -62,9 +62,12 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix math runs in hardware: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX."""
+    """True where bf16 matrix math runs in hardware: CUDA compute capability >= 8.0, CPUs with AVX512-BF16 or AMX.
+
+    Not `torch.cuda.is_bf16_supported()`: it is True on a T4 or V100 (7.x) too, where bf16 is emulated and slow.
+    """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         cpu = torch.cpu
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -203,8 +206,8 @@ class _Stage(nn.Module):
         super().__init__()
         self.module, self.dtype, self.out_dtype = module, dtype, out_dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.to(self.dtype))
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.module(x.to(self.dtype), *args, **kwargs)
         return y if self.out_dtype is None else y.to(self.out_dtype)
 
 

@@ -70,8 +70,11 @@ def test_native_bf16_on_cpu_follows_the_cpu_features(monkeypatch, avx512_bf16, a
 
 def test_native_bf16_elsewhere(monkeypatch):
     assert rt.native_bf16(torch.device("meta")) is False
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there; not here
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))  # A100, H100: native
     assert rt.native_bf16(torch.device("cuda")) is True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # T4: emulated
+    assert rt.native_bf16(torch.device("cuda")) is False
 
 
 def test_pick_device(monkeypatch):

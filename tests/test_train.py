@@ -57,8 +57,9 @@ def tiny_data(tmp_path) -> Path:
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), epochs=2, batch_size=2, size="64x64", backbone_weights="none",
-                workers=0, val_fraction=0.25, lr=1e-3, warmup_steps=1, max_steps_per_epoch=2, seed=3)
+    base = dict(data=data if isinstance(data, list) else str(data), out=str(out), epochs=2, batch_size=2, size="64x64", backbone_weights="none",
+                workers=0, val_fraction=0.25, lr=1e-3, warmup_steps=1, max_steps_per_epoch=2, seed=3,
+                precision="fp32")
     return TrainConfig(**{**base, **overrides})
 
 
@@ -261,7 +262,7 @@ def cli(*args: str) -> list[str]:
 def cli_args(data: Path, out: Path, epochs: int) -> list[str]:
     return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "2", "--size", "64x64",
             "--backbone-weights", "none", "--workers", "0", "--val-fraction", "0.25", "--lr", "1e-3",
-            "--warmup-steps", "1", "--seed", "3"]
+            "--warmup-steps", "1", "--seed", "3", "--precision", "fp32"]
 
 
 def test_resume_after_kill_9_mid_epoch(tiny_data, tmp_path):
@@ -316,11 +317,13 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(torchrun + cli_args(tiny_data, out, 2), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    # 3 validation images on 2 ranks: each is scored once (no padding by repetition).
+    args = cli_args(tiny_data, out, 2) + ["--val-fraction", "0.375"]
+    result = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert metrics["epochs"][-1]["val"]["n_images"] == 2  # both ranks' validation rows gathered
+    assert metrics["epochs"][-1]["val"]["n_images"] == 3 == len(json.loads((out / "split.json").read_text())["val"])
     assert result.stdout.count("best epoch") == 1  # only rank 0 reports
     SaliencyUNet.from_pretrained(out)
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-from hub.preprocess import image_to_tensor, load_image, resize_image, resize_map
+from hub.preprocess import image_to_tensor, load_image, model_input_size, resize_image, resize_map
 from train.metrics import fixation_map_from_points, fixations_from_csv
 
 log = logging.getLogger(__name__)
@@ -142,19 +142,50 @@ def has_splits(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "val").is_dir() or (root / "images" / "train").is_dir()
 
 
-def load_splits(root: Path, out: Path, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Sample]]:
-    """{"train": [...], "val": [...]}: the dataset's own splits, or a seeded split kept in OUT/split.json.
+def load_splits(
+    roots: Path | Sequence[Path], out: Path, val_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[Sample]]:
+    """{"train": [...], "val": [...]}: each dataset's own splits, or a seeded split kept in OUT/split.json.
 
+    roots: one dataset folder, or several, whose splits are pooled; with several, every sample
+    id is prefixed by its folder's name ("nus_scene/001"), as ids repeat across datasets.
     An existing OUT/split.json is reused, so a resumed or repeated run sees the same images.
     """
-    root, out = Path(root), Path(out)
+    roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
+    if len(roots) == 1:
+        return _load_splits(roots[0], Path(out), val_fraction, seed)
+    names = [r.resolve().name for r in roots]
+    if len(set(names)) != len(names):
+        raise DataError(f"--data folders {[str(r) for r in roots]} must have distinct names; their ids are prefixed by them.")
+    saved = _read_split_file(Path(out))
+    pooled: dict[str, list[Sample]] = {"train": [], "val": []}
+    for root, name in zip(roots, names):
+        if saved is not None:
+            own = {k: [i.split("/", 1)[1] for i in saved[k] if i.startswith(name + "/")] for k in ("train", "val")}
+            splits = _load_splits(root, None, val_fraction, seed, saved=own)
+        else:
+            splits = _load_splits(root, None, val_fraction, seed)
+        for key, items in splits.items():
+            pooled[key] += [Sample(f"{name}/{s.id}", s.image, s.map, s.fixation_map, s.points, s.fixation_mat) for s in items]
+    return pooled
+
+
+def _read_split_file(out: Path | None) -> dict | None:
+    split_file = out / "split.json" if out is not None else None
+    return json.loads(split_file.read_text()) if split_file is not None and split_file.is_file() else None
+
+
+def _load_splits(
+    root: Path, out: Path | None, val_fraction: float, seed: int, saved: dict | None = None
+) -> dict[str, list[Sample]]:
     if has_splits(root):
         splits = {s: find_samples(root, s) for s in ("train", "val")}
     else:
         samples = {s.id: s for s in find_samples(root)}
-        split_file = out / "split.json"
-        if split_file.is_file():
-            saved = json.loads(split_file.read_text())
+        split_file = out / "split.json" if out is not None else Path(root) / "split.json"
+        if saved is None:
+            saved = _read_split_file(out)
+        if saved is not None and (saved["train"] or saved["val"]):
             unknown = sorted(set(saved["train"] + saved["val"]) - set(samples))
             if unknown:
                 raise DataError(
@@ -175,8 +206,9 @@ def load_splits(root: Path, out: Path, val_fraction: float = 0.1, seed: int = 0)
     return splits
 
 
-def write_split(splits: dict[str, list[Sample]], root: Path, out: Path) -> None:
-    payload = {"data": str(root), **{k: [s.id for s in v] for k, v in splits.items()}}
+def write_split(splits: dict[str, list[Sample]], root: Path | Sequence[Path], out: Path) -> None:
+    data = str(root) if isinstance(root, (str, os.PathLike)) else [str(r) for r in root]
+    payload = {"data": data[0] if isinstance(data, list) and len(data) == 1 else data, **{k: [s.id for s in v] for k, v in splits.items()}}
     atomic_write_text(Path(out) / "split.json", json.dumps(payload, indent=1))
 
 
@@ -276,12 +308,26 @@ class SaliencyDataset(Dataset):
     Item: (image 3 x h x w in [0, 1], map 1 x h x w summing to 1 (or zeros), fixations 1 x h x w
     binary (zeros when the dataset has none), index). With `augment`, the augmentation of item i
     in epoch e is seeded by (seed, e, i): identical across runs, resumes and worker counts.
+    With `keep_aspect`, (h, w) is each image's own aspect-true model size
+    (`hub.preprocess.model_input_size`); `sizes` lists them, for `SizeBatchSampler`.
     """
 
-    def __init__(self, samples: list[Sample], size: tuple[int, int], augment: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, samples: list[Sample], size: tuple[int, int], augment: bool = False, seed: int = 0, keep_aspect: bool = False
+    ) -> None:
         self.samples, self.size, self.seed = samples, tuple(size), seed
-        self.augment = build_augmentation(self.size) if augment else None
+        self.sizes = [model_input_size(image_size(s.image), self.size, keep_aspect) for s in samples] if keep_aspect \
+            else [self.size] * len(samples)
+        self._augment = augment
+        self._augmentations: dict[tuple[int, int], A.Compose] = {}
         self.epoch = 0
+
+    def augmentation(self, size: tuple[int, int]) -> A.Compose | None:
+        if not self._augment:
+            return None
+        if size not in self._augmentations:
+            self._augmentations[size] = build_augmentation(size)
+        return self._augmentations[size]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -290,24 +336,25 @@ class SaliencyDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        sample = self.samples[index]
+        sample, size = self.samples[index], self.sizes[index]
         image = load_image(sample.image)
         source = image.shape[:2]
-        image = resize_image(image, self.size)
-        gt = resize_map(read_map(sample.map), self.size) if sample.map is not None else np.zeros(self.size, np.float32)
+        image = resize_image(image, size)
+        gt = resize_map(read_map(sample.map), size) if sample.map is not None else np.zeros(size, np.float32)
         fixated = read_fixations(sample, source) if sample.has_fixations else np.zeros(source, bool)
         rows, cols = np.nonzero(fixated)
         # Fixated pixel centres on the resized grid (centres at integer coordinates).
-        sy, sx = self.size[0] / source[0], self.size[1] / source[1]
+        sy, sx = size[0] / source[0], size[1] / source[1]
         points = np.stack([
-            np.clip((cols + 0.5) * sx - 0.5, 0, self.size[1] - 1),
-            np.clip((rows + 0.5) * sy - 0.5, 0, self.size[0] - 1),
+            np.clip((cols + 0.5) * sx - 0.5, 0, size[1] - 1),
+            np.clip((rows + 0.5) * sy - 0.5, 0, size[0] - 1),
         ], 1)
-        if self.augment is not None:
-            self.augment.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
-            out = self.augment(image=image, mask=gt, keypoints=points)
+        augment = self.augmentation(size)
+        if augment is not None:
+            augment.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
+            out = augment(image=image, mask=gt, keypoints=points)
             image, gt, points = out["image"], out["mask"], np.asarray(out["keypoints"]).reshape(-1, 2)
-        fix = rasterize(points, self.size)
+        fix = rasterize(points, size)
         total = float(gt.sum())
         gt = gt / total if total > 0 else gt
         return (
@@ -316,3 +363,54 @@ class SaliencyDataset(Dataset):
             torch.from_numpy(fix.astype(np.float32))[None],
             index,
         )
+
+
+class SizeBatchSampler(Sampler[list[int]]):
+    """Batches of equal-size items (`SaliencyDataset.sizes`), split across distributed ranks.
+
+    shuffle: the order within each size and of the batches is a function of (seed, epoch), so a
+        resumed run replays it; without shuffle, batches follow the dataset order.
+    Rank r of `world` takes batches r, r + world, ... With `drop_uneven` (training), the list is
+    cut to a multiple of `world`, so every rank runs the same number of steps (DDP needs it);
+    without it (validation), every item is in exactly one batch of one rank, none repeated.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_uneven: bool = False,
+    ) -> None:
+        self.sizes, self.batch_size, self.shuffle, self.seed = list(sizes), batch_size, shuffle, seed
+        self.rank, self.world, self.drop_uneven = rank, world, drop_uneven
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(self.sizes):
+            groups.setdefault(tuple(size), []).append(i)
+        batches = []
+        for size in sorted(groups):
+            items = groups[size]
+            if self.shuffle:
+                rng.shuffle(items)
+            batches += [items[k : k + self.batch_size] for k in range(0, len(items), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.drop_uneven:
+            batches = batches[: len(batches) - len(batches) % self.world]
+        return batches[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

@@ -73,6 +73,7 @@ class Scorer:
                 self.points.append((np.stack([cols, rows], 1), size))
             else:
                 self.points.append(None)
+        self._baseline_rows: dict[int, dict[str, dict[str, float]]] = {}
         self.mean_map: np.ndarray | None = None
         self.leave_one_out = False
         if "mean" in self.baselines:
@@ -102,13 +103,15 @@ class Scorer:
         other = self.other_fixations(index, shape) if fix is not None else None
         center = M.center_prior(shape)
         row: dict[str, Any] = {"id": sample.id, **score_map(pred, gt, fix, other, center, self.seed + index)}
-        baselines = {}
-        if "center" in self.baselines:
-            baselines["center"] = score_map(center, gt, fix, other, center, self.seed + index)
-        if "mean" in self.baselines and self.mean_map is not None:
-            baselines["mean"] = score_map(self._mean_baseline(index), gt, fix, other, center, self.seed + index)
-        if baselines:
-            row["baselines"] = baselines
+        if index not in self._baseline_rows:  # the baselines do not change between calls (epochs): score once
+            baselines = {}
+            if "center" in self.baselines:
+                baselines["center"] = score_map(center, gt, fix, other, center, self.seed + index)
+            if "mean" in self.baselines and self.mean_map is not None:
+                baselines["mean"] = score_map(self._mean_baseline(index), gt, fix, other, center, self.seed + index)
+            self._baseline_rows[index] = baselines
+        if self._baseline_rows[index]:
+            row["baselines"] = self._baseline_rows[index]
         return row
 
 

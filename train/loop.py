@@ -11,6 +11,7 @@ split.json and checkpoints/last.pt for `--resume`.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -20,23 +21,25 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hub import SaliencyConfig, SaliencyUNet
 from hub.cli import setup_logging
-from hub.config import STAGES
+from hub.config import STAGES, parse_size
+from hub.model import gaussian_blur
 from hub.preprocess import tensor_to_maps
 from hub.publish import PublishError, export, push
-from hub.runtime import pick_device
-from train.data import DataError, SaliencyDataset, atomic_write_text, load_splits, scan, write_split
+from hub.runtime import pick_device, resolve_precision
+from train import metrics as M
+from train.data import DataError, SaliencyDataset, SizeBatchSampler, atomic_write_text, load_splits, read_map, scan, write_split
 from train.evaluate import ALL_METRICS, Scorer, format_table, summarize
 from train.losses import DEFAULT_LOSS, SaliencyLoss
 
@@ -49,7 +52,7 @@ LOWER_IS_BETTER = {"kld", "loss"}
 class TrainConfig:
     """Everything a run depends on; each field is a command-line flag of the same name."""
 
-    data: str = ""
+    data: list[str] = field(default_factory=list)
     out: str = ""
     epochs: int = 10
     batch_size: int = 8
@@ -65,10 +68,16 @@ class TrainConfig:
     freeze: str = "stem,layer1"
     val_fraction: float = 0.1
     select_metric: str = "cc"
+    center_prior: int = 0
+    keep_aspect: bool = False
+    flip_tta: bool = False
+    blur: str = "0"
+    ema: float = 0.0
     patience: int = 0
     workers: int = 2
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     skip_bad: bool = False
     resume: bool = False
     push_to_hub: str | None = None
@@ -79,10 +88,26 @@ class TrainConfig:
     @property
     def input_size(self) -> tuple[int, int]:
         try:
-            h, w = (int(v) for v in self.size.lower().split("x"))
+            return parse_size(self.size)
+        except ValueError as err:
+            raise ValueError(f"--size: {err}") from None
+
+    @property
+    def data_dirs(self) -> list[Path]:
+        return [Path(d) for d in ([self.data] if isinstance(self.data, str) else self.data)]
+
+    @property
+    def data_name(self) -> str:
+        return " + ".join(d.resolve().name for d in self.data_dirs)
+
+    def blur_value(self) -> float | None:
+        """--blur as a number, or None for "auto" (calibrated on validation after training)."""
+        if self.blur == "auto":
+            return None
+        try:
+            return float(self.blur)
         except ValueError:
-            raise ValueError(f"--size {self.size!r} must be HxW, e.g. 288x384.") from None
-        return h, w
+            raise ValueError(f"--blur {self.blur!r} must be 'auto' or a fraction of the map's longer side, e.g. 0.02.") from None
 
     @property
     def frozen(self) -> tuple[str, ...]:
@@ -158,21 +183,20 @@ def train_one_epoch(
     cfg: TrainConfig,
     epoch: int,
     show: bool,
+    ema: EMA | None = None,
 ) -> dict[str, float]:
     """One pass over the training data; returns the mean loss and images/s."""
     model.train()
-    amp = device.type == "cuda"
+    low = resolve_precision(device, cfg.precision)
     total, count, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not show, leave=False)
     for step, (image, gt, fix, _) in enumerate(bar):
         if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
             break
-        image = image.to(device, non_blocking=True)
-        if amp:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = image.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         gt, fix = gt.to(device, non_blocking=True), fix.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             pred = model(image)
         loss, parts = loss_fn(pred, gt, fix)
         if not torch.isfinite(loss):
@@ -182,6 +206,8 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model.module if hasattr(model, "module") else model)
         total += float(loss.detach()) * len(image)
         count += len(image)
         bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
@@ -200,6 +226,7 @@ def evaluate(
     scorer: Scorer,
     device: torch.device,
     show: bool,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Validation with the benchmark metrics at each image's original resolution.
 
@@ -210,13 +237,94 @@ def evaluate(
     model.eval()
     rows = []
     for image, _, _, index in tqdm(loader, desc="validate", unit="batch", disable=not show, leave=False):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(image.to(device))
+        low = resolve_precision(device, precision)
+        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            pred = model.infer(image.to(device).contiguous(memory_format=torch.channels_last))
         sizes = [scorer.sizes[int(i)] for i in index]
         for i, m in zip(index.tolist(), tensor_to_maps(pred, sizes)):
             rows.append(scorer.score(i, m))
     rows = gather_rows(rows)
     return {"n_images": len(rows), **summarize(rows)}
+
+
+class EMA:
+    """Exponential moving average of a model's weights and BN statistics: the weights that get published.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so the average is not
+    dominated by the random initial weights in a short run.
+    """
+
+    def __init__(self, model: SaliencyUNet, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema {decay} must be between 0 and 1 (e.g. 0.998), or 0 for none.")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = zip(self.module.state_dict().values(), model.state_dict().values())
+        floats, others = [], []
+        for mine, theirs in pairs:
+            (floats if mine.dtype.is_floating_point else others).append((mine, theirs))
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [b.detach() for _, b in floats], 1.0 - decay)
+        for mine, theirs in others:  # BN batch counters
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+BLUR_GRID = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06)
+
+
+@torch.no_grad()
+def calibrate_blur(
+    out: Path, val_set: SaliencyDataset, scorer: Scorer, device: torch.device, cfg: TrainConfig, best: dict[str, Any], n_train: int
+) -> dict[str, Any]:
+    """Pick the output blur (`BLUR_GRID`, a fraction of the map's longer side) that scores best on validation.
+
+    The exported best model is re-exported with it in its config.json (so `predict` applies it),
+    re-validated, and the returned `best` carries those scores and the grid. Chosen by the
+    --select-metric where it is a map metric (cc, kld, sim), else by KLD.
+    """
+    model = SaliencyUNet.from_pretrained(out).to(device)
+    metric = cfg.select_metric if cfg.select_metric in ("cc", "kld", "sim") else "kld"
+    loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, cfg.batch_size), num_workers=cfg.workers)
+    preds, indices = [], []
+    low = resolve_precision(device, cfg.precision)
+    for image, _, _, index in loader:
+        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            preds.append(model.infer(image.to(device).contiguous(memory_format=torch.channels_last)).cpu())
+        indices.append(index.tolist())
+    gts = {i: read_map(scorer.samples[i].map) for batch in indices for i in batch if scorer.samples[i].map is not None}
+    fn = {"cc": M.cc, "kld": M.kld, "sim": M.sim}[metric]
+    grid: dict[float, float] = {}
+    for blur in BLUR_GRID:
+        values = []
+        for pred, batch in zip(preds, indices):
+            blurred = gaussian_blur(pred, blur * max(pred.shape[-2:]))
+            for i, m in zip(batch, tensor_to_maps(blurred, [scorer.sizes[i] for i in batch])):
+                if i in gts:
+                    values.append(fn(m, gts[i]))
+        grid[blur] = float(np.mean(values))
+    chosen = min(grid, key=grid.get) if metric in LOWER_IS_BETTER else max(grid, key=grid.get)
+    log.info("blur calibration (validation %s): %s -> blur %g", metric,
+             ", ".join(f"{b:g}: {v:.4f}" for b, v in grid.items()), chosen)
+    blurred_model = SaliencyUNet(replace(model.config, blur=chosen)).to(device)
+    blurred_model.load_state_dict(model.state_dict())
+    loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, cfg.batch_size), num_workers=cfg.workers)
+    val = evaluate(blurred_model, loader, scorer, device, show=False, precision=cfg.precision)
+    best = {**best, "val": val, "score": val["metrics"].get(cfg.select_metric, best["score"]), "blur": chosen, "blur_grid": {f"{b:g}": v for b, v in grid.items()}, "blur_metric": metric}
+    export_model(blurred_model, cfg, out, best, n_train)
+    write_metrics(out, json.loads((out / "metrics.json").read_text())["epochs"], best)
+    return best
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
@@ -275,7 +383,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     seed_everything(cfg.seed)
 
-    model_config = SaliencyConfig(backbone=cfg.backbone, input_size=cfg.input_size, frozen_stages=cfg.frozen)
+    model_config = SaliencyConfig(backbone=cfg.backbone, input_size=cfg.input_size, frozen_stages=cfg.frozen,
+                                  center_prior=cfg.center_prior, keep_aspect=cfg.keep_aspect, flip_tta=cfg.flip_tta,
+                                  blur=cfg.blur_value() or 0.0)
     cfg.model = model_config.to_dict()
     checkpoint_path = out / "checkpoints" / "last.pt"
     checkpoint = None
@@ -286,35 +396,37 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if checkpoint["config"]["model"] != cfg.model:
             raise DataError(f"{checkpoint_path} was trained with another model config; use the same --size/--freeze/--backbone.")
 
-    splits = load_splits(Path(cfg.data), out, cfg.val_fraction, cfg.seed)
+    splits = load_splits(cfg.data_dirs, out, cfg.val_fraction, cfg.seed)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         train_samples = scan(splits["train"], cfg.skip_bad, workers=max(cfg.workers, 2))
         val_samples = scan(splits["val"], cfg.skip_bad, workers=max(cfg.workers, 2))
-        write_split({"train": train_samples, "val": val_samples}, Path(cfg.data), out)
+        write_split({"train": train_samples, "val": val_samples}, cfg.data_dirs, out)
         atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
     if world > 1:
         dist.barrier()  # rank 0 has scanned the data and written split.json: every rank uses its list
         kept = json.loads((out / "split.json").read_text())
         by_id = {k: {s.id: s for s in v} for k, v in splits.items()}
         train_samples, val_samples = ([by_id[k][i] for i in kept[k]] for k in ("train", "val"))
-    log.info("data: %d train, %d val images from %s", len(train_samples), len(val_samples), cfg.data)
+    log.info("data: %d train, %d val images from %s", len(train_samples), len(val_samples), cfg.data_name)
 
     weights = None if cfg.backbone_weights.lower() == "none" or checkpoint is not None else cfg.backbone_weights
-    model = SaliencyUNet(model_config, backbone_weights=weights).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    train_set = SaliencyDataset(train_samples, cfg.input_size, augment=True, seed=cfg.seed)
-    val_set = SaliencyDataset(val_samples, cfg.input_size, augment=False)
-    if world > 1:
-        train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
-    else:
-        train_sampler = None
-        val_sampler = SequentialSampler(val_set)
-    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda", "persistent_workers": cfg.workers > 0}
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, **loader_args)
-    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * world))
+    # channels_last is the layout oneDNN and cuDNN convolve fastest (2x on a CPU in fp32 and bf16).
+    model = SaliencyUNet(model_config, backbone_weights=weights).to(device, memory_format=torch.channels_last)
+    low = resolve_precision(device, cfg.precision)
+    log.info("precision: %s on %s", "fp32" if low is None else "bf16 autocast", device)
+    train_set = SaliencyDataset(train_samples, cfg.input_size, augment=True, seed=cfg.seed, keep_aspect=cfg.keep_aspect)
+    val_set = SaliencyDataset(val_samples, cfg.input_size, augment=False, keep_aspect=cfg.keep_aspect)
+    # Batches of one model size each (one bucket unless --keep-aspect); shuffled by (seed, epoch), so a
+    # resumed run replays the order; validation batches are split across ranks with no image repeated.
+    train_sampler = SizeBatchSampler(train_set.sizes, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world,
+                                     drop_uneven=True)
+    val_sampler = SizeBatchSampler(val_set.sizes, cfg.batch_size, rank=rank, world=world)
+    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda"}
+    val_loader = DataLoader(val_set, batch_sampler=val_sampler, persistent_workers=cfg.workers > 0, **loader_args)
+    # Not persistent: workers start each epoch with the dataset's current epoch (it seeds the augmentation).
+    train_loader = DataLoader(train_set, batch_sampler=train_sampler, **loader_args)
+    steps_per_epoch = max(1, len(train_sampler))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
@@ -324,11 +436,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, min(cfg.warmup_steps, steps_per_epoch * cfg.epochs // 10 + 1), steps_per_epoch * cfg.epochs)
     loss_fn = SaliencyLoss(cfg.loss)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     scorer = Scorer(val_samples, train_samples=train_samples, seed=cfg.seed)
 
     start_epoch, history, best, stale = 1, [], None, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
@@ -342,22 +457,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_set.set_epoch(epoch)
-        # Shuffling is a function of (seed, epoch): a resumed run replays the same order.
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
-            sampler = train_sampler
-        else:
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train_set) > cfg.batch_size,
-                                  **{**loader_args, "persistent_workers": False})
+        train_sampler.set_epoch(epoch)
         try:
-            stats = train_one_epoch(ddp_model, train_loader, loss_fn, optimizer, scheduler, device, cfg, epoch, show)
+            stats = train_one_epoch(ddp_model, train_loader, loss_fn, optimizer, scheduler, device, cfg, epoch, show, ema)
         except NonFiniteLoss as err:
             raise NonFiniteLoss(
                 f"{err}; stopped. The last good checkpoint {checkpoint_path} is intact: lower --lr or check the data, "
                 "then run again with --resume."
             ) from None
-        val = evaluate(model, val_loader, scorer, device, show)
+        published = ema.module if ema is not None else model  # the weights that are validated and exported
+        val = evaluate(published, val_loader, scorer, device, show, cfg.precision)
         record = {"epoch": epoch, "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
                   "lr": scheduler.get_last_lr()[-1], "val": val, "seconds": time.perf_counter() - started}
         history.append(record)
@@ -378,9 +487,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 for k, v in m.items():
                     writer.add_scalar(f"val/{k}", v, epoch)
             if improved:
-                export_model(model, cfg, out, best, len(train_samples))
+                export_model(published, cfg, out, best, len(train_samples))
             write_metrics(out, history, best)
-            save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            save_checkpoint(checkpoint_path, model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                            optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), epoch=epoch, rng=rng_state(), config=asdict(cfg),
                             history=history, best=best, stale=stale)
         if cfg.patience and stale >= cfg.patience:
@@ -390,10 +500,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     if main_rank and best is not None:
+        if cfg.blur_value() is None:
+            best = calibrate_blur(out, val_set, scorer, device, cfg, best, len(train_samples))
         print(f"best epoch {best['epoch']} ({cfg.select_metric} {best['score']:.4f}); validation:")
         print(format_table(best["val"]))
         if cfg.push_to_hub:
-            export_model(model, cfg, out, best, len(train_samples), reload=True)
+            export_model(published, cfg, out, best, len(train_samples), reload=True)
             print(push(out, cfg.push_to_hub, private=True if cfg.private else None))
     if dist.is_initialized():
         dist.barrier()
@@ -405,14 +517,14 @@ def export_model(model: SaliencyUNet, cfg: TrainConfig, out: Path, best: dict[st
     """Write the best weights + card into OUT. With reload, only the card is refreshed (repo id known)."""
     card = {
         "training": {
-            "data": f"{Path(cfg.data).name} ({n_train} training images)",
+            "data": f"{cfg.data_name} ({n_train} training images)",
             "epochs": f"{best['epoch']} of {cfg.epochs} (best by validation {cfg.select_metric})",
             "loss": cfg.loss, "optimizer": f"AdamW lr {cfg.lr} (encoder x{cfg.encoder_lr_mult}), betas (0.9, 0.99), "
             f"weight decay {cfg.weight_decay}, warm-up + cosine", "batch_size": cfg.batch_size,
             "input_size": cfg.size, "backbone_init": cfg.backbone_weights, "frozen": cfg.freeze, "seed": cfg.seed,
         },
-        "evaluation": {"dataset": {"name": Path(cfg.data).name, "split": "val"}, **best["val"]},
-        "datasets": [Path(cfg.data).name.lower()],
+        "evaluation": {"dataset": {"name": cfg.data_name, "split": "val"}, **best["val"]},
+        "datasets": [d.resolve().name.lower() for d in cfg.data_dirs],
         "repo_id": cfg.push_to_hub,
     }
     if reload:
@@ -422,7 +534,13 @@ def export_model(model: SaliencyUNet, cfg: TrainConfig, out: Path, best: dict[st
 
 # -- command line -----------------------------------------------------------------------------------
 HELP = {
-    "data": "dataset folder (images/, maps/, optional fixations/ and fixations.csv; train/ and val/ or the SALICON layout)",
+    "data": "dataset folder(s) (images/, maps/, optional fixations/ and fixations.csv; train/ and val/ or the SALICON "
+            "layout); several are pooled, each split on its own",
+    "center_prior": "learned Gaussian centre-bias maps fed to the decoder (0: none)",
+    "keep_aspect": "keep each image's aspect: longer side max(HxW), shorter side a multiple of 32 (batches of one size)",
+    "flip_tta": "average the maps of the image and its mirror image (validation and predict())",
+    "blur": "output blur, sigma as a fraction of the map's longer side, or 'auto': calibrated on validation after training",
+    "ema": "publish an exponential moving average of the weights with this decay (e.g. 0.998; 0: the raw weights)",
     "out": "output folder: loadable model + metrics + checkpoints",
     "size": "training and inference resolution HxW (becomes the model's input_size)",
     "loss": "weighted terms from kld, cc, nss, sim, mse, e.g. 'kld=1,cc=0.5' (the default) or 'mse=1' (the reference)",
@@ -433,6 +551,7 @@ HELP = {
     "resume": "continue from OUT/checkpoints/last.pt",
     "push_to_hub": "push OUT to this Hub model repo at the end",
     "max_steps_per_epoch": "cap the optimizer steps per epoch (0: a full pass), for smoke tests",
+    "precision": "auto (bf16 autocast where the device does bf16 natively: CUDA, AVX512-BF16/AMX CPUs; else fp32), bf16 or fp32",
     "skip_bad": "train without the samples the data scan rejects instead of stopping",
 }
 
@@ -446,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", default=default, required=f.name == "data", help=HELP.get(f.name))
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default, required=f.name in ("data", "out"), help=HELP.get(f.name))
