@@ -114,12 +114,20 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     repeat = args.repeat or 7
     base, what = load_model(args.model, device)
-    plain = {k: v for k, v in (("center_prior", 0), ("keep_aspect", False), ("flip_tta", False), ("blur", 0.0))}
-    variants = {**OPTIONS, "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
+    plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0}
+    variants = {**OPTIONS, "flip_tta+blur (training's defaults)": {"flip_tta": True, "blur": 0.02},
+                "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
+    trained = base.state_dict()
     models = {}
     for name, changes in variants.items():
         m = SaliencyUNet(replace(base.config, **{**plain, **changes})).to(device).eval()
-        m.load_state_dict(base.state_dict(), strict=False)  # the prior's own parameters stay as initialised
+        state = m.state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                if key in trained and trained[key].shape == value.shape:
+                    value.copy_(trained[key])
+                elif key in trained:  # fuse1 with the prior's extra input channels: those start at zero
+                    value.zero_()[:, : trained[key].shape[1]] = trained[key]
         models[name] = m
     size = args.sizes[0]
     images, source = natural_images(max(args.batch))
@@ -139,13 +147,13 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
                 t, _ = timed(lambda m=m: m.predict(batch_images, batch_size=batch), device)
                 times[name].append(t / batch * 1000)
         ref = statistics.median(times["none"])
-        print(f"{'option':>16} {'batch':>5} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'x none':>6}")
+        print(f"{'option':>36} {'batch':>5} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'x none':>6}")
         for name, ms in times.items():
             med = statistics.median(ms)
             records.append({"option": name, "size": f"{size[0]}x{size[1]}", "batch": batch, "ms_median": round(med, 3),
                             "ms_min": round(min(ms), 3), "ms_max": round(max(ms), 3), "ratio": round(med / ref, 3),
                             "device": str(device), "model": what})
-            print(f"{name:>16} {batch:>5} | {med:>10.1f} {min(ms):>7.1f} {max(ms):>7.1f} | {med / ref:>5.2f}x")
+            print(f"{name:>36} {batch:>5} | {med:>10.1f} {min(ms):>7.1f} {max(ms):>7.1f} | {med / ref:>5.2f}x")
     print(f"\nload average at the end: {cpu_summary().rsplit('load average ', 1)[1]}")
     return records
 

@@ -257,6 +257,8 @@ class SaliencyUNet(
             for each new batch size compiles (20-35 s on a 2-core CPU); only worth it where
             `python -m bench.infer --paths reference,default,compiled` shows a gain (none on an
             AVX512-BF16 CPU, where the default engine is already near the matmul limit).
+        The config's inference options apply: `keep_aspect` (each image at its aspect-true model
+        size; a list is batched by size), `flip_tta` (mean with the mirror image's map) and `blur`.
         Returns a float32 H x W array in [0, 1] (peak 1) at each image's original resolution,
         or a list of them for a list input. Runs on the model's device without gradients, via
         a fast copy of the model built on first use (see `hub.runtime`); the model itself is

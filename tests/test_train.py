@@ -201,7 +201,7 @@ def test_run_writes_a_loadable_folder_that_evaluate_reads(tiny_data, tmp_path, c
     config = json.loads((out / "train_config.json").read_text())
     assert config["size"] == "64x64" and config["model"]["input_size"] == [64, 64]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["best"]["metric"] == "cc"
+    assert metrics["best"]["metric"] == "kld"  # the default: the pick that transfers better
     assert set(metrics["epochs"][0]["val"]["metrics"]) >= {"cc", "kld", "nss", "sim", "auc_judd", "sauc"}
     card = (out / "README.md").read_text()
     assert "model-index" in card and "backbone_init" in card

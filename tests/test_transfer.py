@@ -265,3 +265,31 @@ def test_train_cli_takes_several_folders_and_the_options(tmp_path):
     assert cfg.blur_value() is None and TrainConfig(blur="0.02").blur_value() == 0.02
     with pytest.raises(ValueError, match="--blur"):
         TrainConfig(blur="soft").blur_value()
+
+
+def test_crop_scale_sets_the_smallest_random_crop(tmp_path):
+    blob_sample(tmp_path, "a", 64, 64)
+    samples = find_samples(tmp_path)
+    ds = SaliencyDataset(samples, (32, 32), augment=True, crop_scale=0.3)
+    crop = ds.augmentation((32, 32)).transforms[0]
+    assert tuple(crop.scale) == (0.3, 1.0)
+    with pytest.raises(ValueError, match="--crop-scale"):
+        SaliencyDataset(samples, (32, 32), augment=True, crop_scale=0.0)
+
+
+def test_evaluate_picks_one_folders_val_split_of_a_multi_folder_model(tmp_path):
+    from train.data import write_split
+    from train.evaluate import DataError, select_samples
+
+    for name in ("alpha", "beta"):
+        for i in range(5):
+            blob_sample(tmp_path / name, f"{i:03d}")
+    roots = [tmp_path / "alpha", tmp_path / "beta"]
+    splits = load_splits(roots, tmp_path / "model", val_fraction=0.4, seed=0)
+    write_split(splits, roots, tmp_path / "model")
+    samples, train = select_samples(tmp_path / "beta", "val", tmp_path / "model")
+    assert [s.id for s in samples] == [s.id.split("/")[1] for s in splits["val"] if s.id.startswith("beta/")]
+    assert len(train) == 3 and all(s.image.parent.parent.name == "beta" for s in samples + train)
+    blob_sample(tmp_path / "gamma", "000")
+    with pytest.raises(DataError, match="trained on"):
+        select_samples(tmp_path / "gamma", "val", tmp_path / "model")

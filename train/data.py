@@ -270,8 +270,12 @@ def scan(samples: list[Sample], skip_bad: bool = False, workers: int = 4) -> lis
 
 
 # -- augmentation and tensors -----------------------------------------------------------------
-def build_augmentation(size: tuple[int, int]) -> A.Compose:
+def build_augmentation(size: tuple[int, int], crop_scale: float = 0.6) -> A.Compose:
     """Joint geometric + photometric augmentation at the model's input size.
+
+    crop_scale: the smallest area fraction of the random resized crop. Smaller crops move what
+    was in the middle of the photo to anywhere in the frame, so position predicts less of the
+    map and content more.
 
     The density map follows as a mask with bilinear interpolation; fixations follow as
     keypoints, so they move exactly and stay single binary points (no smearing, no loss except
@@ -280,7 +284,7 @@ def build_augmentation(size: tuple[int, int]) -> A.Compose:
     h, w = size
     return A.Compose(
         [
-            A.RandomResizedCrop((h, w), scale=(0.6, 1.0), ratio=(0.8 * w / h, 1.25 * w / h),
+            A.RandomResizedCrop((h, w), scale=(crop_scale, 1.0), ratio=(0.8 * w / h, 1.25 * w / h),
                                 mask_interpolation=cv2.INTER_LINEAR, p=1.0),
             A.HorizontalFlip(p=0.5),
             A.Affine(rotate=(-10, 10), mask_interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
@@ -313,12 +317,20 @@ class SaliencyDataset(Dataset):
     """
 
     def __init__(
-        self, samples: list[Sample], size: tuple[int, int], augment: bool = False, seed: int = 0, keep_aspect: bool = False
+        self,
+        samples: list[Sample],
+        size: tuple[int, int],
+        augment: bool = False,
+        seed: int = 0,
+        keep_aspect: bool = False,
+        crop_scale: float = 0.6,
     ) -> None:
+        if not 0.0 < crop_scale <= 1.0:
+            raise ValueError(f"--crop-scale {crop_scale} must be in (0, 1]: the smallest area fraction of a random crop.")
         self.samples, self.size, self.seed = samples, tuple(size), seed
         self.sizes = [model_input_size(image_size(s.image), self.size, keep_aspect) for s in samples] if keep_aspect \
             else [self.size] * len(samples)
-        self._augment = augment
+        self._augment, self.crop_scale = augment, crop_scale
         self._augmentations: dict[tuple[int, int], A.Compose] = {}
         self.epoch = 0
 
@@ -326,7 +338,7 @@ class SaliencyDataset(Dataset):
         if not self._augment:
             return None
         if size not in self._augmentations:
-            self._augmentations[size] = build_augmentation(size)
+            self._augmentations[size] = build_augmentation(size, self.crop_scale)
         return self._augmentations[size]
 
     def set_epoch(self, epoch: int) -> None:

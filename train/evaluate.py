@@ -209,6 +209,11 @@ def select_samples(data: Path, split: str | None, model_dir: Path | None) -> tup
     saved = json.loads(split_file.read_text())
     if split not in saved:
         raise DataError(f"{split_file} has no {split!r} split; choose from {[k for k in saved if k != 'data']}.")
+    if isinstance(saved.get("data"), list):  # trained on several folders: ids are "<folder name>/<id>"
+        prefix = data.resolve().name + "/"
+        saved = {k: [i[len(prefix):] for i in v if i.startswith(prefix)] for k, v in saved.items() if k != "data"}
+        if not saved[split]:
+            raise DataError(f"{split_file} has no {split!r} images from {data}; pass one of the folders the model was trained on.")
     by_id = {s.id: s for s in samples}
     missing = [i for i in saved[split] if i not in by_id]
     if missing:

@@ -67,12 +67,18 @@ class TrainConfig:
     backbone_weights: str = "imagenet"
     freeze: str = "stem,layer1"
     val_fraction: float = 0.1
-    select_metric: str = "cc"
+    select_metric: str = "kld"
+    # Defaults chosen by leave-one-dataset-out measurements (train on nus_scene, score on eyecrowd;
+    # README, "What transfers"): flip averaging and a calibrated blur help or are neutral there; the
+    # centre prior, aspect-true input, EMA and smaller crops fit the training collection better and
+    # the other one worse, so they stay options. The epoch is picked by validation KLD, not CC: in
+    # both runs where they disagreed, the KLD pick scored better on every eyecrowd metric.
     center_prior: int = 0
     keep_aspect: bool = False
-    flip_tta: bool = False
-    blur: str = "0"
+    flip_tta: bool = True
+    blur: str = "auto"
     ema: float = 0.0
+    crop_scale: float = 0.6
     patience: int = 0
     workers: int = 2
     seed: int = 0
@@ -227,6 +233,7 @@ def evaluate(
     device: torch.device,
     show: bool,
     precision: str = "auto",
+    gather: bool = True,
 ) -> dict[str, Any]:
     """Validation with the benchmark metrics at each image's original resolution.
 
@@ -243,7 +250,8 @@ def evaluate(
         sizes = [scorer.sizes[int(i)] for i in index]
         for i, m in zip(index.tolist(), tensor_to_maps(pred, sizes)):
             rows.append(scorer.score(i, m))
-    rows = gather_rows(rows)
+    if gather:  # each rank scored its shard; False where one rank scores every image alone
+        rows = gather_rows(rows)
     return {"n_images": len(rows), **summarize(rows)}
 
 
@@ -320,7 +328,7 @@ def calibrate_blur(
     blurred_model = SaliencyUNet(replace(model.config, blur=chosen)).to(device)
     blurred_model.load_state_dict(model.state_dict())
     loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, cfg.batch_size), num_workers=cfg.workers)
-    val = evaluate(blurred_model, loader, scorer, device, show=False, precision=cfg.precision)
+    val = evaluate(blurred_model, loader, scorer, device, show=False, precision=cfg.precision, gather=False)
     best = {**best, "val": val, "score": val["metrics"].get(cfg.select_metric, best["score"]), "blur": chosen, "blur_grid": {f"{b:g}": v for b, v in grid.items()}, "blur_metric": metric}
     export_model(blurred_model, cfg, out, best, n_train)
     write_metrics(out, json.loads((out / "metrics.json").read_text())["epochs"], best)
@@ -415,7 +423,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model = SaliencyUNet(model_config, backbone_weights=weights).to(device, memory_format=torch.channels_last)
     low = resolve_precision(device, cfg.precision)
     log.info("precision: %s on %s", "fp32" if low is None else "bf16 autocast", device)
-    train_set = SaliencyDataset(train_samples, cfg.input_size, augment=True, seed=cfg.seed, keep_aspect=cfg.keep_aspect)
+    train_set = SaliencyDataset(train_samples, cfg.input_size, augment=True, seed=cfg.seed, keep_aspect=cfg.keep_aspect,
+                                crop_scale=cfg.crop_scale)
     val_set = SaliencyDataset(val_samples, cfg.input_size, augment=False, keep_aspect=cfg.keep_aspect)
     # Batches of one model size each (one bucket unless --keep-aspect); shuffled by (seed, epoch), so a
     # resumed run replays the order; validation batches are split across ranks with no image repeated.
@@ -540,6 +549,7 @@ HELP = {
     "keep_aspect": "keep each image's aspect: longer side max(HxW), shorter side a multiple of 32 (batches of one size)",
     "flip_tta": "average the maps of the image and its mirror image (validation and predict())",
     "blur": "output blur, sigma as a fraction of the map's longer side, or 'auto': calibrated on validation after training",
+    "crop_scale": "smallest area fraction of the random resized crop (augmentation)",
     "ema": "publish an exponential moving average of the weights with this decay (e.g. 0.998; 0: the raw weights)",
     "out": "output folder: loadable model + metrics + checkpoints",
     "size": "training and inference resolution HxW (becomes the model's input_size)",
