@@ -459,6 +459,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         start_epoch, history, best, stale = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"], checkpoint["stale"]
         log.info("resumed from %s after epoch %d", checkpoint_path, checkpoint["epoch"])
 
+    published = ema.module if ema is not None else model  # the weights that are validated and exported
     writer = tensorboard_writer(out) if main_rank else None
     show = main_rank and sys.stderr.isatty()
     if main_rank:
@@ -474,7 +475,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 f"{err}; stopped. The last good checkpoint {checkpoint_path} is intact: lower --lr or check the data, "
                 "then run again with --resume."
             ) from None
-        published = ema.module if ema is not None else model  # the weights that are validated and exported
         val = evaluate(published, val_loader, scorer, device, show, cfg.precision)
         record = {"epoch": epoch, "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
                   "lr": scheduler.get_last_lr()[-1], "val": val, "seconds": time.perf_counter() - started}
