@@ -182,7 +182,8 @@ def _load_splits(
         splits = {s: find_samples(root, s) for s in ("train", "val")}
     else:
         samples = {s.id: s for s in find_samples(root)}
-        split_file = out / "split.json" if out is not None else Path(root) / "split.json"
+        # With several folders, the saved split is the pooled OUT/split.json, read by the caller.
+        split_file = out / "split.json" if out is not None else "the --out folder's split.json"
         if saved is None:
             saved = _read_split_file(out)
         if saved is not None and (saved["train"] or saved["val"]):
