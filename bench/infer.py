@@ -11,6 +11,8 @@ Paths (all at the same input resolution, on the same preprocessed batch of natur
 - default:   what `predict()` runs (`hub.runtime.inference_engine(model, "auto")`): BN folded,
              oneDNN-fused conv+ReLU(+add) with pre-packed weights on CPU, channels_last, bf16
              where the hardware does it natively (fp32 otherwise);
+- bf16, fp16, fp32: the same engine in that precision (`predict(..., precision=...)`), to compare
+             precisions side by side, with each one's fidelity against the fp32 reference;
 - compiled:  the same engine under `torch.compile` with inductor freezing (`predict(..., compile=True)`);
              its one-off compile time is printed.
 
@@ -43,9 +45,10 @@ import torch
 from bench.common import cc, cpu_summary, load_model, natural_images, synchronize
 from hub.config import parse_size
 from hub.preprocess import images_to_tensor
-from hub.runtime import inference_engine, native_bf16, pick_device, resolve_precision
+from hub.runtime import inference_engine, native_bf16, native_fp16, pick_device, precision_name
 
-PATHS = ("reference", "default", "compiled")
+PATHS = ("reference", "default", "bf16", "fp16", "fp32", "compiled")
+FORCED = ("bf16", "fp16", "fp32")  # the predict() engine in that precision, whatever "auto" picks here
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_ints, default=[1, 8], help="batch sizes, e.g. 1,8")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--paths", type=parse_paths, default=["reference", "default"],
-                   help="reference,default[,compiled] (compiled: 20-40 s of compiling per shape on a CPU)")  # fmt: skip
+                   help="reference,default[,bf16,fp16,fp32,compiled] (compiled: 20-40 s of compiling per shape on a CPU)")  # fmt: skip
     p.add_argument("--model", default=None, help="trained model folder or Hub repo id (default: random-init stand-in)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 7 on CPU, 30 on CUDA)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per path before timing")
@@ -189,15 +192,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     repeat = args.repeat or (30 if device.type == "cuda" else 7)
     model, what = load_model(args.model, device)
-    low = resolve_precision(device, "auto")
-    plan = "fp32 (no native bf16)" if low is None else "bf16"
-    if low is not None and args.fp32_stages:
+    plan = precision_name(device, "auto")
+    if plan != "fp32" and args.fp32_stages:
         plan += f", {'+'.join(args.fp32_stages)} in fp32"
     print(f"torch {torch.__version__}; device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))  # fmt: skip
     print(f"CPU: {cpu_summary()}")
     print(f"model: {what}")
-    print(f"default path precision: {plan} (native bf16 on {device.type}: {native_bf16(device)})")
+    print(f"default path precision: {plan} (native bf16 on {device.type}: {native_bf16(device)}, "
+          f"native fp16: {native_fp16(device)})")
     images, source = natural_images(max(args.batch))
     print(f"inputs: {source}; {repeat} timed rounds per shape after {args.warmup} warm-up calls per path\n")
 
@@ -207,6 +210,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     engines: dict[str, torch.nn.Module] = {}
     if "default" in args.paths:
         engines["default"] = inference_engine(model, "auto", fp32_stages=args.fp32_stages)
+    for name in FORCED:
+        if name in args.paths:
+            engines[name] = inference_engine(model, name, fp32_stages=args.fp32_stages)
     records: list[dict[str, Any]] = []
     header = (f"{'size':>8} {'batch':>5} {'path':>9} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'img/s':>7} "
               f"{'GFLOP/s':>7} {'%mm32':>6} {'%mm16':>6} | {'speedup':>7} {'CC':>8}")  # fmt: skip
@@ -222,8 +228,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for path in args.paths:
                 if path == "reference":
                     fns[path] = lambda: _no_grad(model, x_ref)
-                elif path == "default":
-                    fns[path] = lambda e=engines["default"]: _inference(e, x)
+                elif path in engines:
+                    fns[path] = lambda e=engines[path]: _inference(e, x)
                 else:
                     engine = inference_engine(model, "auto", compile=True, fp32_stages=args.fp32_stages)
                     compile_s, _ = timed(lambda e=engine: _inference(e, x), device)
@@ -268,7 +274,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "fidelity_cc": round(fidelity, 6),
                     "sensitivity_cc": round(sensitivity, 6),
                     "speedup": round(ref_ms / med, 3),
-                    "precision": "fp32" if path == "reference" else plan,
+                    "precision": "fp32" if path == "reference" else path if path in FORCED else plan,
                     "rounds": repeat,
                     "model": what,
                 }

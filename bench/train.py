@@ -1,10 +1,10 @@
 """Training throughput: the model step and the data loader, measured separately.
 
     python -m bench.train [--data ../shared/data/nus_scene] [--size 288x384] [--batch 8] [--steps 6]
-                          [--workers 0,1,2] [--device auto|cpu|cuda] [--precision auto,fp32] [--json OUT]
+                          [--workers 0,1,2] [--device auto|cpu|cuda] [--precision auto,bf16,fp16,fp32] [--json OUT]
 
 1. model: images/s of forward + backward + AdamW step on batches already on the device, as
-   `python -m train` runs it (channels_last; bf16 autocast where native), per --precision;
+   `python -m train` runs it (channels_last; autocast per --precision: bf16, or fp16 with a GradScaler);
 2. loader: images/s of decode + resize + augmentation (`train.data.SaliencyDataset`) per worker count.
 The smaller of the two limits training; the last line says which. Figures, never assertions.
 """
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from hub import SaliencyConfig, SaliencyUNet
 from hub.config import parse_size
-from hub.runtime import pick_device, resolve_precision
+from hub.runtime import pick_device, precision_name, resolve_precision
 from train.data import SaliencyDataset, find_samples
 from train.losses import SaliencyLoss
 
@@ -52,7 +52,9 @@ def bench_model(size: tuple[int, int], batch: int, steps: int, device: torch.dev
     """Images/s of one training step as `python -m train` runs it: channels_last, autocast per `precision`."""
     torch.manual_seed(0)
     model = SaliencyUNet(SaliencyConfig(input_size=size)).to(device, memory_format=torch.channels_last).train()
+    name = precision_name(device, precision)
     low = resolve_precision(device, precision)
+    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None  # as `python -m train`
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = SaliencyLoss()
     x = torch.rand(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
@@ -67,16 +69,21 @@ def bench_model(size: tuple[int, int], batch: int, steps: int, device: torch.dev
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             pred = model(x)
-        loss, _ = loss_fn(pred, gt, fix)
-        loss.backward()
-        opt.step()
+        loss, _ = loss_fn(pred.float(), gt, fix)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {"ms_per_step": median * 1e3, "img_per_s": batch / median, "steps": steps,
-            "precision": "fp32" if low is None else "bf16 autocast"}
+            "precision": name if low is None else f"{name} autocast"}
 
 
 def bench_loader(data: Path, size: tuple[int, int], batch: int, workers: int, batches: int) -> dict[str, float]:
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--loader-batches", type=int, default=6)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto,fp32", help="training precisions to time side by side (auto, bf16, fp32)")
+    p.add_argument("--precision", default="auto,fp32", help="training precisions to time side by side (auto, bf16, fp16, fp32)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     size = parse_size(args.size)

@@ -92,7 +92,6 @@ ImageNet mean/std normalisation happens inside the model, so a raw forward pass 
   are concatenated to the last skip fusion, so the content pathway need not learn "the middle".
 {%- endif %}
 - {{ "{:,}".format(num_parameters) }} parameters; any input size works (padded to a multiple of 32 and cropped back).
-- Frozen during fine-tuning: {{ config.frozen_stages | join(", ") if config.frozen_stages else "nothing" }}.
 
 ## Training
 {% if training %}

@@ -48,8 +48,6 @@ class SaliencyConfig:
         density maps are smooth (the Gaussian of about one visual degree is ~1/32 of the image
         height, 9 px here), so a larger input adds cost, not detail.
     mean, std: ImageNet RGB statistics applied *inside* the model; callers feed RGB in [0, 1].
-    frozen_stages: encoder stages that get no gradients and whose BatchNorm statistics stay
-        fixed in train mode (any of "stem", "layer1" ... "layer4").
     center_prior: number of learned Gaussian centre-bias maps fed to the decoder (0: none).
         People look at the middle of a picture whatever it shows; explicit prior maps (as in
         SAM and UNISAL) spare the content pathway from learning that, so it learns content.
@@ -65,7 +63,6 @@ class SaliencyConfig:
     input_size: tuple[int, int] = (288, 384)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    frozen_stages: tuple[str, ...] = ("stem", "layer1")
     center_prior: int = 0
     keep_aspect: bool = False
     flip_tta: bool = False
@@ -77,7 +74,6 @@ class SaliencyConfig:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
         self.mean = tuple(float(m) for m in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(s) for s in self.std)  # type: ignore[assignment]
-        self.frozen_stages = tuple(str(s) for s in self.frozen_stages)
         if self.backbone not in BACKBONE_CHANNELS:
             raise ValueError(
                 f"backbone {self.backbone!r} is not supported; use one of {sorted(BACKBONE_CHANNELS)}."
@@ -96,9 +92,6 @@ class SaliencyConfig:
             raise ValueError(
                 f"center_prior {self.center_prior} must be >= 0 and blur {self.blur} in [0, 0.5) (a fraction of the map's longer side)."
             )
-        unknown = [s for s in self.frozen_stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"frozen_stages {unknown} are not encoder stages; choose from {list(STAGES)}.")
 
     @property
     def encoder_channels(self) -> tuple[int, int, int, int, int]:
@@ -109,6 +102,10 @@ class SaliencyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SaliencyConfig:
-        """Build from a dict (e.g. `config.json`), ignoring keys that are not config fields."""
+        """Build from a dict (e.g. `config.json`), ignoring keys that are not config fields.
+
+        That includes `frozen_stages`, which configs written before it became training-only state
+        carry: a loaded model is fully trainable (freezing is `SaliencyUNet.freeze`, used by training).
+        """
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -175,14 +175,26 @@ class SaliencyUNet(
         # Normalisation travels with the weights via the config, not the state dict.
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
-        for stage in config.frozen_stages:
-            getattr(self, stage).requires_grad_(False)
+        # Training-only state, not part of the config: a model loaded with from_pretrained is fully trainable.
+        self.frozen_stages: tuple[str, ...] = ()
 
     # -- training behaviour -------------------------------------------------------------------
+    def freeze(self, stages: Sequence[str]) -> "SaliencyUNet":
+        """Freeze encoder `stages` (any of "stem", "layer1" ... "layer4") for fine-tuning: no gradients,
+        and BatchNorm statistics fixed in train mode. `freeze(())` unfreezes everything."""
+        stages = tuple(stages)
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"frozen stages {unknown} are not encoder stages; choose from {list(STAGES)}.")
+        for stage in STAGES:
+            getattr(self, stage).requires_grad_(stage not in stages)
+        self.frozen_stages = stages
+        return self.train(self.training)
+
     def train(self, mode: bool = True) -> "SaliencyUNet":
         """Like `nn.Module.train`, but frozen stages stay in eval mode: their BN statistics never move."""
         super().train(mode)
-        for stage in self.config.frozen_stages:
+        for stage in getattr(self, "frozen_stages", ()):
             getattr(self, stage).eval()
         return self
 
@@ -251,8 +263,10 @@ class SaliencyUNet(
 
         image: a file path, a PIL.Image or an H x W x 3 uint8 RGB array (any size or mode), or a
             list of them (batched internally by `batch_size`).
-        precision: "auto" (bf16 where the hardware does it natively: CUDA, or CPUs with
-            AVX512-BF16/AMX; fp32 otherwise), "bf16" (forced, slow where emulated) or "fp32".
+        precision: "auto" (bf16 where the hardware does it natively: CUDA compute capability
+            >= 8.0, CPUs with AVX512-BF16/AMX; fp16 on CUDA 7.x such as a T4 or V100; fp32
+            otherwise), or "bf16", "fp16", "fp32" (forced, slow where emulated);
+            `hub.runtime.precision_name(model.device)` says what "auto" is here.
         compile: run a `torch.compile`d engine (inductor with frozen weights). The first call
             for each new batch size compiles (20-35 s on a 2-core CPU); only worth it where
             `python -m bench.infer --paths reference,default,compiled` shows a gain (none on an

@@ -9,9 +9,10 @@ model, built once and cached on it, that computes the same function faster:
   activation is written and re-read just to be normalised, clipped or added, and no weight is
   re-laid out on every call;
 - channels_last (NHWC) weights and activations, the layout oneDNN and cuDNN run fastest;
-- bf16 where the hardware does it natively (CUDA; CPUs with AVX512-BF16 or AMX), with the weights
-  stored in bf16 (no per-call casts) and fp32 accumulation; the head's output is cast to fp32
-  before the sigmoid, so the map keeps full resolution in [0, 1].
+- bf16 where the hardware does it natively (CUDA compute capability >= 8.0; CPUs with AVX512-BF16
+  or AMX), fp16 where that is the fast path instead (CUDA 7.x: V100, T4), with the weights
+  stored in that dtype (no per-call casts) and fp32 accumulation; the head's output is cast to
+  fp32 before the sigmoid, so the map keeps full resolution in [0, 1].
 
 The weights and the architecture are the model's own; only how they execute changes. The engine
 is rebuilt automatically when the model's weights, device or dtype change (e.g. after another
@@ -48,7 +49,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -75,22 +77,35 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The low-precision dtype `precision` runs with on `device` (bf16), or None for plain fp32.
+def native_fp16(device: torch.device) -> bool:
+    """True where fp16 is the fast path and bf16 is not: CUDA compute capability 7.x (V100, T4) has fp16 tensor cores."""
+    return device.type == "cuda" and (7, 0) <= torch.cuda.get_device_capability(device) < (8, 0)
 
-    "auto" is bf16 exactly where `native_bf16(device)`; "bf16" forces it (slow where emulated).
+
+def precision_name(device: torch.device, precision: str = "auto") -> str:
+    """What `precision` means on `device`: "bf16", "fp16" or "fp32" (the name printed, logged and shown).
+
+    "auto": bf16 where `native_bf16`, fp16 where `native_fp16`, fp32 otherwise. A named precision
+    is used as asked, even where it is emulated and slow.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
-    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
-        return None
-    return torch.bfloat16
+    if precision != "auto":
+        return precision
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if native_fp16(device) else "fp32"
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The low-precision dtype `precision` runs with on `device` (bf16 or fp16), or None for plain fp32."""
+    return _DTYPES[precision_name(device, precision)]
 
 
 def precision_plan(
     model: nn.Module, device: torch.device, precision: str = "auto", fp32_stages: Sequence[str] = ()
 ) -> dict[str, torch.dtype]:
-    """The dtype each top-level stage of `model` runs in: bf16 per `resolve_precision`, `fp32_stages` fp32."""
+    """The dtype each top-level stage of `model` runs in: per `resolve_precision`, `fp32_stages` fp32."""
     names = [name for name, _ in model.named_children()]
     unknown = sorted(set(fp32_stages) - set(names))
     if unknown:
@@ -176,8 +191,11 @@ class _EngineCache:
 
 def _weights_stamp(model: nn.Module) -> tuple:
     # In-place updates (optimizer steps, load_state_dict, BN statistics) bump `_version`; `.to()`
-    # and parameter reassignment change the storage. Reading both is cheap (~300 tensors).
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
+    # and parameter reassignment change the storage. Reading both is cheap (~300 tensors). Tensors
+    # made under `torch.inference_mode()` have no version counter; outside that mode they cannot be
+    # changed in place at all, so their storage is the whole stamp.
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _build_engine(model: nn.Module, plan: dict[str, torch.dtype], device: torch.device, compile: bool) -> nn.Module:
@@ -255,21 +273,25 @@ def _foldable(conv: nn.Module, bn: nn.BatchNorm2d) -> bool:
 
 
 def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
-    # In float64, so the folded fp32 weights are the correctly rounded product.
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    # In float64 on the CPU, so the folded weights are the correctly rounded product on every
+    # device, including those without float64 (Apple MPS); the result goes back to the conv's device.
+    def f64(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64)
+
+    scale = torch.rsqrt(f64(bn.running_var) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
+        scale = scale * f64(bn.weight)
+    shift = -f64(bn.running_mean) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    dtype = conv.weight.dtype
+        shift = shift + f64(bn.bias)
+    dtype, device = conv.weight.dtype, conv.weight.device
     axis = 1 if isinstance(conv, nn.ConvTranspose2d) else 0  # ConvTranspose2d weights are (in, out, kh, kw)
     shape = [1, 1, 1, 1]
     shape[axis] = -1
-    weight = conv.weight.double() * scale.view(shape)
-    bias = conv.bias.double() * scale + shift if conv.bias is not None else shift
-    conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    weight = f64(conv.weight) * scale.view(shape)
+    bias = f64(conv.bias) * scale + shift if conv.bias is not None else shift
+    conv.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
 
 
 # -- oneDNN fusion (CPU) ----------------------------------------------------------------------------

@@ -48,6 +48,12 @@ TINY_SIDE = 32
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def on_zero_gpu() -> bool:
+    """True on a Hugging Face ZeroGPU Space (it sets SPACES_ZERO_GPU=true), where the main process
+    must never initialise CUDA: a GPU is attached only inside calls wrapped by `spaces.GPU`."""
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
+
+
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message is one sentence saying what to pass instead."""
 
@@ -107,16 +113,27 @@ class ModelStore:
     Thread-safe: concurrent first requests wait for one load. A failed load is remembered for
     `retry_after_s` (so a broken configuration does not re-download on every click), then tried
     again (so a Space that started while the Hub was unreachable heals itself).
+
+    On ZeroGPU (`on_zero_gpu()`), nothing here touches CUDA in the main process: the model is
+    loaded on the CPU there, and moved to the GPU, with its inference engine built and cached,
+    inside the first `predict` call, which `on_gpu` runs with a GPU attached.
     """
 
     def __init__(self, spec: ModelSpec, retry_after_s: float = 30.0) -> None:
+        import torch
+
         from hub.runtime import pick_device
 
         self.spec = spec
-        self.device = pick_device(spec.device)  # RuntimeError with a clear sentence if CUDA is missing
+        self.zero_gpu = on_zero_gpu()
+        if self.zero_gpu:  # no torch.cuda call: the device is known, and not attached yet
+            self.device = torch.device("cpu" if spec.device == "cpu" else "cuda")
+        else:
+            self.device = pick_device(spec.device)  # RuntimeError with a clear sentence if CUDA is missing
         self.retry_after_s = retry_after_s
         self._lock = threading.Lock()
         self._model: Any = None
+        self._on_device: Any = None  # ZeroGPU: the copy on the GPU, made inside a GPU call
         self._error: ModelLoadError | None = None
         self._failed_at = 0.0
         self.load_seconds: float | None = None
@@ -130,7 +147,11 @@ class ModelStore:
         return self._error
 
     def get(self) -> Any:
-        """The loaded `SaliencyUNet` (loading it if needed); raises ModelLoadError."""
+        """The loaded `SaliencyUNet` (loading it if needed); raises ModelLoadError.
+
+        On ZeroGPU it stays on the CPU (see `model_for_inference`); elsewhere it is on `device`
+        with its inference engine built.
+        """
         if self._model is not None:
             return self._model
         with self._lock:
@@ -148,36 +169,54 @@ class ModelStore:
                 self._error = ModelLoadError(explain_load_error(self.spec.model, self.spec.revision, err))
                 self._failed_at = time.monotonic()
                 raise self._error from err
-            model.to(self.device)
-            prepare_for_inference(model)
+            if not self.zero_gpu:
+                model.to(self.device)
+                prepare_for_inference(model)
             self.load_seconds = time.perf_counter() - start
             self._error = None
             self._model = model
-            log.info("loaded %s on %s in %.1f s", self.spec.model, self.device, self.load_seconds)
+            log.info("loaded %s on %s in %.1f s", self.spec.model, "cpu (ZeroGPU)" if self.zero_gpu else self.device,
+                     self.load_seconds)
             return model
+
+    def model_for_inference(self) -> Any:
+        """The model to run `predict` on. On ZeroGPU: a copy on the GPU, made (and its engine built)
+        on the first call, which runs inside `spaces.GPU`; the CPU model in the main process is untouched."""
+        model = self.get()
+        if not self.zero_gpu:
+            return model
+        with self._lock:
+            if self._on_device is None:
+                import copy
+
+                from hub.runtime import prepare_for_inference
+
+                moved = copy.deepcopy(model).to(self.device)
+                prepare_for_inference(moved)
+                self._on_device = moved
+            return self._on_device
 
     def predict(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float]:
         """Maps (float32, peak 1, each image's size) for H x W x 3 uint8 images, and the seconds it took."""
-        model = self.get()
+        model = self.model_for_inference()
         start = time.perf_counter()
         maps = model.predict(list(images), batch_size=BATCH_CHUNK)
         return maps, time.perf_counter() - start
 
     def device_label(self) -> str:
-        """E.g. "CPU · fp32" or "CUDA (NVIDIA H200) · bf16"; needs no loaded model."""
-        from hub.runtime import resolve_precision
+        """E.g. "CPU · fp32" or "CUDA (NVIDIA H200) · bf16"; needs no loaded model, touches no CUDA on ZeroGPU."""
+        from hub.runtime import precision_name
 
         import torch
 
+        if self.zero_gpu and self.device.type == "cuda":
+            # ZeroGPU attaches H200 slices (compute capability 9.0), where "auto" is bf16.
+            return "ZeroGPU (CUDA) · bf16"
         name = self.device.type.upper()
         if self.device.type == "cuda":
-            with contextlib.suppress(Exception):  # ZeroGPU has no device to name outside a GPU call
+            with contextlib.suppress(Exception):
                 name = f"CUDA ({torch.cuda.get_device_name(self.device)})"
-        try:
-            precision = "bf16" if resolve_precision(self.device) is not None else "fp32"
-        except Exception:  # ZeroGPU: no CUDA runtime outside a GPU call; its GPUs all do bf16
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        return f"{name} · {precision}"
+        return f"{name} · {precision_name(self.device)}"
 
     def warm_up(self) -> threading.Thread:
         """Start loading in the background, so the page is served while the weights load."""
@@ -197,7 +236,8 @@ def on_gpu(fn: F) -> F:
     """`spaces.GPU(fn)` when the `spaces` package is importable (Hugging Face ZeroGPU), else fn.
 
     On ZeroGPU the wrapped call runs with a GPU attached; elsewhere `spaces.GPU` is a no-op. The
-    model must already be loaded (in the main process) before the wrapped function runs.
+    model must already be loaded (on the CPU, in the main process) before the wrapped function
+    runs; `ModelStore.predict` moves it to the GPU inside the call.
     """
     try:
         import spaces  # type: ignore[import-not-found]

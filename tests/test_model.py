@@ -62,7 +62,7 @@ def test_normalisation_lives_in_the_model(model):
 
 def test_frozen_stages_get_no_gradient_and_keep_bn_statistics():
     torch.manual_seed(0)
-    model = SaliencyUNet(SaliencyConfig(frozen_stages=("stem", "layer1"))).train()
+    model = SaliencyUNet(SaliencyConfig()).freeze(("stem", "layer1")).train()
     stem_bn = model.stem[1]
     layer2_bn = model.layer2[0].bn1
     frozen_before = stem_bn.running_mean.clone()
@@ -77,14 +77,23 @@ def test_frozen_stages_get_no_gradient_and_keep_bn_statistics():
     assert not torch.equal(layer2_bn.running_mean, free_before)
 
 
-def test_nothing_frozen_when_asked():
-    model = SaliencyUNet(SaliencyConfig(frozen_stages=()))
+def test_nothing_frozen_unless_asked_and_a_loaded_model_is_fully_trainable(tmp_path):
+    model = SaliencyUNet(SMALL)
     assert all(p.requires_grad for p in model.parameters())
+    model.freeze(("stem", "layer1")).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "frozen_stages" not in config  # training-only state stays out of the published config
+    # A config.json written before carries frozen_stages: it loads, and nothing comes back frozen or stuck in eval.
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "frozen_stages": ["stem", "layer1"]}))
+    loaded = SaliencyUNet.from_pretrained(tmp_path / "m").train()
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert loaded.stem.training and loaded.layer1.training
+    assert all(p.requires_grad for p in model.freeze(()).parameters())  # freeze(()) undoes it
 
 
 def test_bad_config_values_are_named():
-    with pytest.raises(ValueError, match="frozen_stages"):
-        SaliencyConfig(frozen_stages=("layer9",))
+    with pytest.raises(ValueError, match="frozen stages \\['layer9'\\]"):
+        SaliencyUNet(SaliencyConfig()).freeze(("layer9",))
     with pytest.raises(ValueError, match="backbone 'vgg16'"):
         SaliencyConfig(backbone="vgg16")
     with pytest.raises(ValueError, match="input_size"):

@@ -50,12 +50,25 @@ def test_resolve_precision(monkeypatch):
     cpu = torch.device("cpu")
     assert rt.resolve_precision(cpu, "fp32") is None
     assert rt.resolve_precision(cpu, "bf16") is torch.bfloat16  # forced, even where emulated
+    assert rt.resolve_precision(cpu, "fp16") is torch.float16
     monkeypatch.setattr(rt, "native_bf16", lambda device: True)
     assert rt.resolve_precision(cpu, "auto") is torch.bfloat16
     monkeypatch.setattr(rt, "native_bf16", lambda device: False)
     assert rt.resolve_precision(cpu, "auto") is None
     with pytest.raises(ValueError, match="precision must be one of"):
-        rt.resolve_precision(cpu, "fp16")
+        rt.resolve_precision(cpu, "half")
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32")],
+)
+def test_auto_precision_on_cuda_follows_the_compute_capability(monkeypatch, capability, expected):
+    """H100/A100/RTX 30 run bf16, T4/V100 fp16 (their tensor cores; bf16 would be emulated), Pascal fp32."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # True on a T4: not trusted
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert rt.precision_name(torch.device("cuda"), "auto") == expected
+    assert rt.precision_name(torch.device("cuda"), "fp32") == "fp32"
 
 
 @pytest.mark.parametrize(
@@ -264,15 +277,52 @@ def test_copies_and_pickles_get_no_engine(model):
     np.testing.assert_allclose(restored.predict(photo(), precision="fp32"), model.predict(photo(), precision="fp32"))
 
 
-def test_predict_precisions_agree(model):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_predict_precisions_agree(model, precision):
     images = [photo(seed=i) for i in range(3)]
     fp32 = model.predict(images, precision="fp32", batch_size=2)
-    bf16 = model.predict(images, precision="bf16", batch_size=2)
-    for a, b in zip(fp32, bf16):
+    low = model.predict(images, precision=precision, batch_size=2)
+    for a, b in zip(fp32, low):
         assert b.dtype == np.float32 and b.shape == a.shape and float(b.max()) == pytest.approx(1.0)
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
     with pytest.raises(ValueError, match="precision must be one of"):
         model.predict(images[0], precision="half")
+
+
+def test_a_model_built_under_inference_mode_predicts():
+    """Tensors made under inference_mode have no version counter; the engine cache must not need one."""
+    with torch.inference_mode():
+        built = SaliencyUNet(SaliencyConfig(backbone="resnet18", input_size=(64, 64))).eval()
+    first = built.predict(photo(64, 64), precision="fp32")
+    assert first.shape == (64, 64) and np.isfinite(first).all()
+    np.testing.assert_array_equal(built.predict(photo(64, 64), precision="fp32"), first)
+
+
+def test_batchnorm_folds_on_a_device_without_float64():
+    """Apple MPS has no float64: folding computes in float64 on the CPU and moves the result back.
+
+    Stand-in: a model on the meta device under a dispatch mode that refuses float64 there (and
+    hands back zeros for meta -> CPU copies, which the meta device cannot make)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NoFloat64OnMeta(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if func is torch.ops.aten._to_copy.default and source is not None and source.device.type == "meta" \
+                    and kwargs.get("device") == torch.device("cpu"):
+                return torch.ones(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+            out = func(*args, **kwargs)
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == torch.float64:
+                    raise RuntimeError(f"{func}: float64 is not supported on this device")
+            return out
+
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().to("meta")
+    with NoFloat64OnMeta():
+        rt.fold_batchnorm(seq)
+    assert len(seq) == 1 and seq[0].weight.device.type == "meta" and seq[0].weight.dtype == torch.float32
 
 
 def test_compile_switch_wraps_the_engine_in_torch_compile(model, monkeypatch):

@@ -287,9 +287,20 @@ def test_resume_after_kill_9_mid_epoch(tiny_data, tmp_path):
 
 def test_non_finite_loss_stops_with_the_checkpoint_intact(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    run(tiny_config(tiny_data, out, epochs=1))
-    before = (out / "checkpoints" / "last.pt").read_bytes()
     import train.loop
+
+    real = train.loop.train_one_epoch
+
+    def stop_in_epoch_2(*args, **kwargs):
+        if args[7] == 2:  # the epoch argument: an interrupted 3-epoch run
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.loop, "train_one_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tiny_data, out, epochs=3))
+    monkeypatch.setattr(train.loop, "train_one_epoch", real)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
 
     class Diverging(SaliencyLoss):
         """A loss that blows up, as a too-high learning rate or a corrupt map would make it."""

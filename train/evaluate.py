@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from hub.cli import setup_logging
 from hub.preprocess import map_to_image, resize_map
+from hub.runtime import PRECISIONS
 from train import metrics as M
 from train.data import (
     DataError,
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", nargs="*", choices=BASELINES, default=list(BASELINES), help="baselines to score beside the model")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="as predict(): auto uses bf16 where native")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as predict(): auto is bf16 or fp16 where native, else fp32")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives of AUC-Borji and sAUC")
     return p
 

@@ -37,7 +37,8 @@ from hub.config import STAGES, parse_size
 from hub.model import gaussian_blur
 from hub.preprocess import tensor_to_maps
 from hub.publish import PublishError, export, push
-from hub.runtime import pick_device, resolve_precision
+from hub.model import load_strict
+from hub.runtime import PRECISIONS, pick_device, precision_name, resolve_precision
 from train import metrics as M
 from train.data import DataError, SaliencyDataset, SizeBatchSampler, atomic_write_text, load_splits, read_map, scan, write_split
 from train.evaluate import ALL_METRICS, Scorer, format_table, summarize
@@ -57,7 +58,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-4
-    encoder_lr_mult: float = 0.1
+    encoder_lr_mult: str = "auto"
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     clip_grad: float = 1.0
@@ -65,7 +66,8 @@ class TrainConfig:
     loss: str = DEFAULT_LOSS
     backbone: str = "resnet50"
     backbone_weights: str = "imagenet"
-    freeze: str = "stem,layer1"
+    freeze: str = "auto"
+    init_from: str | None = None
     val_fraction: float = 0.1
     select_metric: str = "kld"
     # Defaults chosen by leave-one-dataset-out measurements (train on nus_scene, score on eyecrowd;
@@ -116,20 +118,78 @@ class TrainConfig:
             raise ValueError(f"--blur {self.blur!r} must be 'auto' or a fraction of the map's longer side, e.g. 0.02.") from None
 
     @property
+    def pretrained_encoder(self) -> bool:
+        """Whether the encoder starts from learned weights (ImageNet, a file, or --init-from)."""
+        return self.init_from is not None or self.backbone_weights.lower() != "none"
+
+    @property
     def frozen(self) -> tuple[str, ...]:
+        """--freeze; "auto": stem and layer1 for a pretrained encoder (their features are generic), nothing for a random one."""
+        if self.freeze == "auto":
+            return ("stem", "layer1") if self.pretrained_encoder else ()
         return tuple(s for s in (p.strip() for p in self.freeze.split(",")) if s and s != "none")
+
+    @property
+    def encoder_lr(self) -> float:
+        """--encoder-lr-mult; "auto": 0.1 for a pretrained encoder (keep what it knows), 1 for a random one."""
+        if self.encoder_lr_mult == "auto":
+            return 0.1 if self.pretrained_encoder else 1.0
+        try:
+            return float(self.encoder_lr_mult)
+        except ValueError:
+            raise ValueError(f"--encoder-lr-mult {self.encoder_lr_mult!r} must be 'auto' or a number, e.g. 0.1.") from None
+
+    def resolve(self) -> None:
+        """Replace the "auto" training flags by their values, so train_config.json and resume checks see them."""
+        self.freeze = ",".join(self.frozen) or "none"
+        self.encoder_lr_mult = f"{self.encoder_lr:g}"
+
+
+# Flags that change the optimisation itself: a --resume with other values would silently train on
+# another schedule (or other data order), so it stops instead.
+SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "encoder_lr_mult", "weight_decay", "warmup_steps", "clip_grad", "loss",
+                  "freeze", "crop_scale", "keep_aspect", "ema", "seed", "max_steps_per_epoch", "select_metric", "init_from")
+
+
+def schedule_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The --flags whose values differ between a checkpoint's config and this run's, e.g. ["--epochs 10 -> 12"]."""
+    now = asdict(cfg)
+
+    def same(a: Any, b: Any) -> bool:  # 0.1 and "0.1" (a flag that became "auto"-able) are the same value
+        try:
+            return a == b or float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in SCHEDULE_FLAGS if not same(saved.get(k), now[k])]
 
 
 # -- distributed ---------------------------------------------------------------------------------
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def launched_by_torchrun() -> bool:
+    """True under `torchrun`, also with `--nproc_per_node 1` (so one GPU exercises the NCCL path too)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def setup_distributed(requested: str) -> tuple[torch.device, int, int]:
+    """(this process's device, rank, world size). Under torchrun: each process takes GPU LOCAL_RANK
+    and makes it current *before* the process group starts (NCCL binds to the current device), then
+    joins the group: NCCL on CUDA, gloo on the CPU."""
+    device = pick_device(requested)
+    if not launched_by_torchrun():
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return device, dist.get_rank(), dist.get_world_size()
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows, on every rank (all_gather_object uses the current device, set by setup_distributed)."""
     if not dist.is_initialized():
         return rows
     parts: list[Any] = [None] * dist.get_world_size()
@@ -137,12 +197,27 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for part in parts for r in part]
 
 
-def mean_across_ranks(value: float) -> float:
+def all_reduce_on(values: list[float], device: torch.device, op: Any = None) -> torch.Tensor:
+    """`values` reduced over ranks (sum, or `op`), as a tensor on `device`: NCCL takes tensors of the
+    process's GPU only, so every collective here builds its tensor there."""
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+    return t
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return float(all_reduce_on([value], device)[0].item()) / dist.get_world_size()
+
+
+def first_bad_rank(bad: bool, device: torch.device) -> int | None:
+    """The highest rank where `bad` is True, known to every rank (None where it is False everywhere),
+    so that all ranks stop together and none waits forever in the next collective."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    worst = int(all_reduce_on([float(rank if bad else -1)], device, dist.ReduceOp.MAX)[0].item())
+    return None if worst < 0 else worst
 
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -153,11 +228,11 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: SaliencyUNet, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW on trainable parameters only; the pretrained encoder learns `encoder_lr_mult` slower."""
+    """AdamW on trainable parameters only; the encoder learns at `encoder_lr` times the rate."""
     encoder = {id(p) for p in model.encoder_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if id(p) in encoder], "lr": cfg.lr * cfg.encoder_lr_mult},
+        {"params": [p for p in trainable if id(p) in encoder], "lr": cfg.lr * cfg.encoder_lr},
         {"params": [p for p in trainable if id(p) not in encoder], "lr": cfg.lr},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -190,10 +265,16 @@ def train_one_epoch(
     epoch: int,
     show: bool,
     ema: EMA | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over the training data; returns the mean loss and images/s."""
+    """One pass over the training data; returns the mean loss and images/s.
+
+    Autocast runs in `cfg.precision` (bf16 or fp16; fp16 with `scaler`, a GradScaler, so small
+    gradients do not underflow). A non-finite loss on any rank stops every rank at the same step.
+    """
     model.train()
     low = resolve_precision(device, cfg.precision)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
     total, count, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not show, leave=False)
     for step, (image, gt, fix, _) in enumerate(bar):
@@ -204,21 +285,35 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             pred = model(image)
-        loss, parts = loss_fn(pred, gt, fix)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss became {float(loss.detach())} at epoch {epoch}, step {step} ({parts})")
-        loss.backward()
+        # The loss in fp32 whatever the autocast dtype: KLD's epsilon and log underflow in fp16.
+        loss, parts = loss_fn(pred.float(), gt, fix)
+        value = float(loss.detach())
+        # Each rank's verdict is shared before backward: a rank that stopped alone would leave the
+        # others waiting in DDP's gradient all-reduce. Every rank raises the same message.
+        bad_rank = first_bad_rank(not math.isfinite(value), device)
+        if bad_rank is not None:
+            where = f" on rank {bad_rank}" if distributed else ""
+            raise NonFiniteLoss(f"the loss became non-finite{where} at epoch {epoch}, step {step}")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients
+        else:
+            loss.backward()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then drops
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update(model.module if hasattr(model, "module") else model)
-        total += float(loss.detach()) * len(image)
+        total += value * len(image)
         count += len(image)
         bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
     elapsed = time.perf_counter() - start
-    return {"loss": mean_across_ranks(total / max(count, 1)), "img_per_s": count * max(1, _world()) / elapsed}
+    return {"loss": mean_across_ranks(total / max(count, 1), device), "img_per_s": count * max(1, _world()) / elapsed}
 
 
 def _world() -> int:
@@ -343,14 +438,20 @@ def save_checkpoint(path: Path, **state: Any) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator a run draws from: Python, numpy, torch's CPU one, and this process's GPU's."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
@@ -382,18 +483,16 @@ def tensorboard_writer(out: Path) -> Any:
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    device = pick_device(cfg.device)
-    rank, world = init_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    device, rank, world = setup_distributed(cfg.device)
     main_rank = rank == 0
     out = Path(cfg.out)
     seed_everything(cfg.seed)
+    cfg.resolve()
+    precision = precision_name(device, cfg.precision)
 
-    model_config = SaliencyConfig(backbone=cfg.backbone, input_size=cfg.input_size, frozen_stages=cfg.frozen,
-                                  center_prior=cfg.center_prior, keep_aspect=cfg.keep_aspect, flip_tta=cfg.flip_tta,
-                                  blur=cfg.blur_value() or 0.0)
+    init = load_init(cfg) if cfg.init_from and not cfg.resume else None
+    model_config = SaliencyConfig(backbone=cfg.backbone, input_size=cfg.input_size, center_prior=cfg.center_prior,
+                                  keep_aspect=cfg.keep_aspect, flip_tta=cfg.flip_tta, blur=cfg.blur_value() or 0.0)
     cfg.model = model_config.to_dict()
     checkpoint_path = out / "checkpoints" / "last.pt"
     checkpoint = None
@@ -401,8 +500,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if not checkpoint_path.is_file():
             raise DataError(f"--resume was given but {checkpoint_path} does not exist; drop --resume to start a new run.")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"]["model"] != cfg.model:
-            raise DataError(f"{checkpoint_path} was trained with another model config; use the same --size/--freeze/--backbone.")
+        saved = checkpoint["config"]
+        if {k: v for k, v in saved["model"].items() if k != "frozen_stages"} != cfg.model:
+            raise DataError(f"{checkpoint_path} was trained with another model config; use the same --size/--backbone/"
+                            "--center-prior/--keep-aspect/--flip-tta/--blur.")
+        changed = schedule_changes(saved, cfg)
+        if checkpoint.get("world", 1) != world:
+            changed.append(f"processes {checkpoint.get('world', 1)} -> {world} (the global batch)")
+        if changed:
+            raise DataError(f"--resume continues the run in {out} on its own schedule, but {', '.join(changed)}; "
+                            "resume with the run's flags (see its train_config.json), or start a new run in another --out.")
 
     splits = load_splits(cfg.data_dirs, out, cfg.val_fraction, cfg.seed)
     if main_rank:
@@ -410,7 +517,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_samples = scan(splits["train"], cfg.skip_bad, workers=max(cfg.workers, 2))
         val_samples = scan(splits["val"], cfg.skip_bad, workers=max(cfg.workers, 2))
         write_split({"train": train_samples, "val": val_samples}, cfg.data_dirs, out)
-        atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
+        runs_on = {"device": str(device), "precision": precision, "processes": world}
+        atomic_write_text(out / "train_config.json", json.dumps({**asdict(cfg), "runs_on": runs_on}, indent=1))
     if world > 1:
         dist.barrier()  # rank 0 has scanned the data and written split.json: every rank uses its list
         kept = json.loads((out / "split.json").read_text())
@@ -418,11 +526,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_samples, val_samples = ([by_id[k][i] for i in kept[k]] for k in ("train", "val"))
     log.info("data: %d train, %d val images from %s", len(train_samples), len(val_samples), cfg.data_name)
 
-    weights = None if cfg.backbone_weights.lower() == "none" or checkpoint is not None else cfg.backbone_weights
+    weights = None if not cfg.pretrained_encoder or checkpoint is not None or init is not None else cfg.backbone_weights
+    model = SaliencyUNet(model_config, backbone_weights=weights)
+    if init is not None and checkpoint is None:
+        load_strict(model, init.state_dict(), source=cfg.init_from)
+    del init
     # channels_last is the layout oneDNN and cuDNN convolve fastest (2x on a CPU in fp32 and bf16).
-    model = SaliencyUNet(model_config, backbone_weights=weights).to(device, memory_format=torch.channels_last)
-    low = resolve_precision(device, cfg.precision)
-    log.info("precision: %s on %s", "fp32" if low is None else "bf16 autocast", device)
+    model = model.freeze(cfg.frozen).to(device, memory_format=torch.channels_last)
+    log.info("precision: %s on %s%s", precision if precision == "fp32" else f"{precision} autocast", device,
+             f" ({world} processes)" if world > 1 else "")
     train_set = SaliencyDataset(train_samples, cfg.input_size, augment=True, seed=cfg.seed, keep_aspect=cfg.keep_aspect,
                                 crop_scale=cfg.crop_scale)
     val_set = SaliencyDataset(val_samples, cfg.input_size, augment=False, keep_aspect=cfg.keep_aspect)
@@ -446,6 +558,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, min(cfg.warmup_steps, steps_per_epoch * cfg.epochs // 10 + 1), steps_per_epoch * cfg.epochs)
     loss_fn = SaliencyLoss(cfg.loss)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     scorer = Scorer(val_samples, train_samples=train_samples, seed=cfg.seed)
 
     start_epoch, history, best, stale = 1, [], None, 0
@@ -455,7 +569,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        set_rng_state(checkpoint["rng"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"], device)
         start_epoch, history, best, stale = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"], checkpoint["stale"]
         log.info("resumed from %s after epoch %d", checkpoint_path, checkpoint["epoch"])
 
@@ -469,7 +585,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_set.set_epoch(epoch)
         train_sampler.set_epoch(epoch)
         try:
-            stats = train_one_epoch(ddp_model, train_loader, loss_fn, optimizer, scheduler, device, cfg, epoch, show, ema)
+            stats = train_one_epoch(ddp_model, train_loader, loss_fn, optimizer, scheduler, device, cfg, epoch, show, ema, scaler)
         except NonFiniteLoss as err:
             raise NonFiniteLoss(
                 f"{err}; stopped. The last good checkpoint {checkpoint_path} is intact: lower --lr or check the data, "
@@ -500,7 +616,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             write_metrics(out, history, best)
             save_checkpoint(checkpoint_path, model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
                             optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), epoch=epoch, rng=rng_state(), config=asdict(cfg),
+                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+                            epoch=epoch, rng=rng_state(device), config=asdict(cfg), world=world,
                             history=history, best=best, stale=stale)
         if cfg.patience and stale >= cfg.patience:
             if main_rank:
@@ -508,6 +625,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             break
     if writer is not None:
         writer.close()
+    if dist.is_initialized():
+        # What follows (blur calibration, push) runs on rank 0 alone with no collective, so the
+        # other ranks leave now instead of waiting in a barrier that NCCL's watchdog would time out.
+        dist.barrier()
+        dist.destroy_process_group()
     if main_rank and best is not None:
         if cfg.blur_value() is None:
             best = calibrate_blur(out, val_set, scorer, device, cfg, best, len(train_samples))
@@ -516,10 +638,25 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.push_to_hub:
             export_model(published, cfg, out, best, len(train_samples), reload=True)
             print(push(out, cfg.push_to_hub, private=True if cfg.private else None))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
     return {"history": history, "best": best}
+
+
+def load_init(cfg: TrainConfig) -> SaliencyUNet:
+    """The published saliency model --init-from names (folder or Hub repo id), checked against this run's architecture."""
+    try:
+        init = SaliencyUNet.from_pretrained(cfg.init_from)
+    except (OSError, ValueError) as err:
+        raise DataError(f"--init-from {cfg.init_from}: could not load a saliency model there ({err}); pass a folder "
+                        "written by `python -m train` / save_pretrained, or a Hub model repo id.") from None
+    theirs = init.config
+    clashes = [f"--{flag.replace('_', '-')} {getattr(theirs, flag)}" for flag in ("backbone", "center_prior")
+               if getattr(theirs, flag) != getattr(cfg, flag)]
+    if clashes:
+        raise DataError(f"--init-from {cfg.init_from} has another architecture than this run; add {' '.join(clashes)}.")
+    if tuple(theirs.input_size) != cfg.input_size:
+        log.info("--init-from %s was trained at %s; fine-tuning at %s", cfg.init_from,
+                 "x".join(map(str, theirs.input_size)), cfg.size)
+    return init
 
 
 def export_model(model: SaliencyUNet, cfg: TrainConfig, out: Path, best: dict[str, Any], n_train: int, reload: bool = False) -> None:
@@ -528,9 +665,9 @@ def export_model(model: SaliencyUNet, cfg: TrainConfig, out: Path, best: dict[st
         "training": {
             "data": f"{cfg.data_name} ({n_train} training images)",
             "epochs": f"{best['epoch']} of {cfg.epochs} (best by validation {cfg.select_metric})",
-            "loss": cfg.loss, "optimizer": f"AdamW lr {cfg.lr} (encoder x{cfg.encoder_lr_mult}), betas (0.9, 0.99), "
+            "loss": cfg.loss, "optimizer": f"AdamW lr {cfg.lr} (encoder x{cfg.encoder_lr:g}), betas (0.9, 0.99), "
             f"weight decay {cfg.weight_decay}, warm-up + cosine", "batch_size": cfg.batch_size,
-            "input_size": cfg.size, "backbone_init": cfg.backbone_weights, "frozen": cfg.freeze, "seed": cfg.seed,
+            "input_size": cfg.size, "backbone_init": cfg.init_from or cfg.backbone_weights, "frozen": cfg.freeze, "seed": cfg.seed,
         },
         "evaluation": {"dataset": {"name": cfg.data_name, "split": "val"}, **best["val"]},
         "datasets": [d.resolve().name.lower() for d in cfg.data_dirs],
@@ -555,13 +692,18 @@ HELP = {
     "size": "training and inference resolution HxW (becomes the model's input_size)",
     "loss": "weighted terms from kld, cc, nss, sim, mse, e.g. 'kld=1,cc=0.5' (the default) or 'mse=1' (the reference)",
     "backbone_weights": "'imagenet' (download, the default), 'none' (random init) or a local .pth/.safetensors file",
-    "freeze": f"comma-separated encoder stages to freeze, from {','.join(STAGES)}, or 'none'",
+    "freeze": f"comma-separated encoder stages to freeze, from {','.join(STAGES)}, or 'none'; auto: stem,layer1 for a "
+              "pretrained encoder (ImageNet, a file, --init-from), none for a random one",
+    "encoder_lr_mult": "the encoder's learning rate as a multiple of --lr; auto: 0.1 for a pretrained encoder, 1 for a random one",
+    "init_from": "start from a published saliency model (folder or Hub repo id), e.g. SALICON weights to fine-tune on "
+                 "MIT1003; its architecture must match --backbone/--center-prior",
     "select_metric": "validation metric that picks the best epoch (kld: lower is better)",
     "patience": "stop after this many epochs without improvement (0: never)",
     "resume": "continue from OUT/checkpoints/last.pt",
     "push_to_hub": "push OUT to this Hub model repo at the end",
     "max_steps_per_epoch": "cap the optimizer steps per epoch (0: a full pass), for smoke tests",
-    "precision": "auto (bf16 autocast where the device does bf16 natively: CUDA, AVX512-BF16/AMX CPUs; else fp32), bf16 or fp32",
+    "precision": "auto: bf16 autocast where the device does bf16 natively (CUDA compute capability >= 8.0, AVX512-BF16/AMX "
+                 "CPUs), fp16 with loss scaling on CUDA 7.x (V100, T4), else fp32; or bf16, fp16, fp32",
     "skip_bad": "train without the samples the data scan rejects instead of stopping",
 }
 
@@ -576,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
+        elif f.name == "precision":
+            parser.add_argument(flag, choices=PRECISIONS, default=default, help=HELP.get(f.name))
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", default=default, required=f.name == "data", help=HELP.get(f.name))
         else:
