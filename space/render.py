@@ -3,8 +3,9 @@
 A map is computed once per upload; colormap, opacity, blur and the number of peak regions only
 change what is drawn from it, so each of those is a pure function of (image, map, settings).
 Colorizing and blending are `hub.preprocess.colorize` / `overlay` (one rendering path for the
-app, the model card and the benchmarks); this module adds display blur, the peak-region
-statistics, the numbered outlines and the files users download.
+app, the model card and the benchmarks); the statistics (peak regions, areas of interest, focus
+region, viewing order) are `hub.analysis`, shared with the evaluation; this module adds display
+blur and draws them, and writes the files users download.
 
 Shapes: images are H x W x 3 uint8 RGB, maps H x W float32 in [0, 1] with peak 1.
 """
@@ -15,79 +16,18 @@ import io
 import os
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from hub.analysis import AttentionStats, Region, attention_stats, work_copy
 from hub.preprocess import map_to_image, overlay, resize_image, resize_map
 
-# Statistics and blur run on a copy of the map at most this many pixels on its longer side.
-# Fixation maps are smooth (their detail is ~1/30 of the image), so this loses nothing and makes
-# both independent of the upload's resolution.
-WORK_SIDE = 256
-# A peak region is the connected area around a peak above this fraction of the peak's value.
-REGION_LEVEL = 0.5
-# Local maxima examined per map (a noisy map can have hundreds; the top few decide the regions).
-MAX_CANDIDATES = 64
 # Full-size overlays and maps are computed this many pixels at a time: blending works in float32
 # (16 bytes a pixel), which for a 4096 x 4096 image would otherwise mean ~0.7 GB at once.
 STRIP_PIXELS = 1 << 20
-# Local maxima below this fraction of the global peak are noise, not places people look.
-MIN_PEAK = 0.05
-# A region holding less than this share of all attention is a speck (e.g. a border pixel), not a place.
-MIN_SHARE = 0.01
-
-
-@dataclass(frozen=True)
-class Region:
-    """One peak region. Coordinates are fractions of the image width/height (0..1), so a region
-    can be drawn on the preview and on the full-size overlay alike.
-
-    share: fraction of the map's total attention (the map normalised to sum 1) inside the region.
-    area: fraction of the image area the region covers.
-    peak, centroid: (x, y); centroid is attention-weighted.
-    contours: outlines, each an N x 2 array of (x, y) fractions.
-    """
-
-    index: int
-    share: float
-    area: float
-    peak_value: float
-    peak: tuple[float, float]
-    centroid: tuple[float, float]
-    contours: tuple[np.ndarray, ...]
-
-
-@dataclass(frozen=True)
-class AttentionStats:
-    """Summary of where the predicted attention goes.
-
-    regions: the top-k peak regions, strongest peak first.
-    top10_share: share of attention in the 10 % most salient pixels (1.0 = all attention there;
-        0.1 = spread evenly over the image), a resolution-independent concentration measure.
-    """
-
-    regions: tuple[Region, ...]
-    top10_share: float
-
-    @property
-    def regions_share(self) -> float:
-        return float(sum(r.share for r in self.regions))
-
-    @property
-    def regions_area(self) -> float:
-        return float(sum(r.area for r in self.regions))
-
-
-def _small(saliency: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
-    h, w = saliency.shape
-    scale = min(1.0, side / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return resize_map(saliency, size)
 
 
 def blur(saliency: np.ndarray, sigma: float) -> np.ndarray:
@@ -98,72 +38,11 @@ def blur(saliency: np.ndarray, sigma: float) -> np.ndarray:
     """
     if sigma <= 0:
         return saliency
-    small = _small(saliency)
+    small = work_copy(saliency)
     small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma * max(small.shape), borderType=cv2.BORDER_REPLICATE)
     out = np.clip(resize_map(small, saliency.shape), 0.0, None)
     peak = float(out.max())
     return (out / peak).astype(np.float32) if peak > 0 else out.astype(np.float32)
-
-
-def attention_stats(saliency: np.ndarray, top_k: int = 3) -> AttentionStats:
-    """Top-k peak regions of a map and the share of attention each holds.
-
-    Peaks are the local maxima of the map (on a <= 256 px copy), strongest first. A peak's region
-    is the connected area around it where the map stays at or above half the peak's value. A
-    peak whose region would overlap a stronger peak's is part of the same hill and is skipped,
-    so regions never overlap and their shares add up.
-    """
-    small = _small(saliency).astype(np.float64)
-    total = float(small.sum())
-    if total <= 0 or not np.isfinite(total):
-        return AttentionStats(regions=(), top10_share=0.0)
-    density = small / total
-    flat = np.sort(density, axis=None)[::-1]
-    top10 = float(flat[: max(1, round(flat.size * 0.1))].sum())
-    if top_k <= 0:
-        return AttentionStats(regions=(), top10_share=top10)
-
-    sh, sw = small.shape
-    size = max(3, (max(sh, sw) // 16) | 1)
-    maxima = (small >= ndimage.maximum_filter(small, size=size, mode="nearest")) & (small >= MIN_PEAK * small.max())
-    labels, count = ndimage.label(maxima)
-    peaks = ndimage.maximum_position(small, labels, range(1, count + 1)) if count else []
-    peaks = sorted(peaks, key=lambda p: -small[p])[:MAX_CANDIDATES]
-
-    regions: list[Region] = []
-    taken = np.zeros(small.shape, bool)
-    yy, xx = np.mgrid[0:sh, 0:sw]
-    for p in peaks:
-        if len(regions) == top_k:
-            break
-        parts, _ = ndimage.label(small >= REGION_LEVEL * small[p])
-        mask = parts == parts[p]
-        if (mask & taken).any():
-            continue
-        weights = density[mask]
-        share = float(weights.sum())
-        if share < MIN_SHARE:
-            continue
-        taken |= mask
-        cx = float((xx[mask] * weights).sum() / share) if share > 0 else float(p[1])
-        cy = float((yy[mask] * weights).sum() / share) if share > 0 else float(p[0])
-        found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        # Straighten the pixel staircase, which would show as jagged steps on a larger overlay.
-        found = [cv2.approxPolyDP(c, 0.8, True) if len(c) > 8 else c for c in found]
-        # Contour points are pixel centres; +0.5 then / size maps them onto 0..1 of the image.
-        contours = tuple((c[:, 0, :].astype(np.float32) + 0.5) / np.array([sw, sh], np.float32) for c in found)
-        regions.append(
-            Region(
-                index=len(regions) + 1,
-                share=share,
-                area=float(mask.mean()),
-                peak_value=float(small[p] / small.max()),
-                peak=(float((p[1] + 0.5) / sw), float((p[0] + 0.5) / sh)),
-                centroid=((cx + 0.5) / sw, (cy + 0.5) / sh),
-                contours=contours,
-            )
-        )
-    return AttentionStats(regions=tuple(regions), top10_share=top10)
 
 
 def draw_regions(image: np.ndarray, regions: Iterable[Region]) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from hub.analysis import AttentionStats, attention_stats
 from hub.preprocess import COLORMAPS, map_to_image
 from space import render, serving
 from space.serving import ModelLoadError, ModelStore, UploadError
@@ -103,18 +104,18 @@ class Analysis:
     preview_image: np.ndarray  # the same, at most serving.PREVIEW_SIDE px
     preview_map: np.ndarray
     folder: Path  # where this upload's download files are written
-    stats_cache: dict[tuple[float, int], render.AttentionStats] = field(default_factory=dict)
+    stats_cache: dict[tuple[float, int], AttentionStats] = field(default_factory=dict)
     map_file: Path | None = None
 
     @property
     def stem(self) -> str:
         return _safe_stem(self.name)
 
-    def stats(self, display: Display) -> render.AttentionStats:
+    def stats(self, display: Display) -> AttentionStats:
         key = (display.blur, display.peaks)
         if key not in self.stats_cache:
             shown = render.blur(self.preview_map, display.blur / 100)
-            self.stats_cache[key] = render.attention_stats(shown, display.peaks)
+            self.stats_cache[key] = attention_stats(shown, display.peaks)
         return self.stats_cache[key]
 
     def save_map(self) -> Path:
@@ -148,7 +149,7 @@ def _safe_stem(name: str) -> str:
 # -- text shown on the page ------------------------------------------------------------------------
 
 
-def stats_markdown(stats: render.AttentionStats, size: tuple[int, int]) -> str:
+def stats_markdown(stats: AttentionStats, size: tuple[int, int]) -> str:
     """The attention statistics as Markdown: a one-line summary and a table of the numbered regions."""
     h, w = size
     lines = []
@@ -338,7 +339,7 @@ class Handlers:
                     used.add(stem)
                     preview_map = render.fit_within(saliency, serving.PREVIEW_SIDE)
                     shown = render.blur(preview_map, display.blur / 100)
-                    stats = render.attention_stats(shown, display.peaks)
+                    stats = attention_stats(shown, display.peaks)
                     overlay, _ = render.render_overlay(
                         render.fit_within(upload.image, serving.PREVIEW_SIDE),
                         preview_map,

@@ -394,33 +394,6 @@ def blobs(h: int = 120, w: int = 160) -> np.ndarray:
     return (m / m.max()).astype(np.float32)
 
 
-def test_peak_regions_of_two_blobs():
-    stats = render.attention_stats(blobs(), top_k=3)
-    assert len(stats.regions) == 2  # two hills, so two regions even though three were asked for
-    first, second = stats.regions
-    assert [first.index, second.index] == [1, 2]
-    assert first.peak == pytest.approx((50 / 160, 40 / 120), abs=0.02)
-    assert second.peak == pytest.approx((120 / 160, 80 / 120), abs=0.02)
-    assert first.peak_value == pytest.approx(1.0) and second.peak_value == pytest.approx(0.6, abs=0.02)
-    # Each region is the half-maximum disc of its Gaussian: radius 1.177 sigma.
-    assert first.area == pytest.approx(np.pi * (1.177 * 10) ** 2 / (120 * 160), rel=0.15)
-    # Half-maximum disc of a 2-D Gaussian holds 1 - 2**-1 = 50 % of that Gaussian's mass.
-    mass1, mass2 = 1.0 * 10**2, 0.6 * 15**2
-    assert first.share == pytest.approx(0.5 * mass1 / (mass1 + mass2), rel=0.1)
-    assert second.share == pytest.approx(0.5 * mass2 / (mass1 + mass2), rel=0.1)
-    assert 0.1 < stats.top10_share <= 1
-    assert render.attention_stats(blobs(), top_k=0).regions == ()
-    flat = render.attention_stats(np.ones((50, 50), np.float32), top_k=3)
-    assert flat.top10_share == pytest.approx(0.1, abs=0.01)
-    assert render.attention_stats(np.zeros((20, 20), np.float32)).regions == ()
-
-
-def test_a_bright_speck_is_not_a_region():
-    m = blobs()
-    m[0, -1] = 0.12  # one stray border pixel: a local maximum holding ~0 % of the attention
-    assert len(render.attention_stats(m, top_k=3).regions) == 2
-
-
 def test_blur_keeps_size_and_peak_and_outlines_are_drawn():
     m = blobs()
     blurred = render.blur(m, 0.05)
