@@ -15,14 +15,16 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from hub.analysis import AttentionStats, Region, attention_stats, work_copy
+from hub.analysis import AoiShare, AttentionStats, Box, Fixation, Region, attention_stats, focus_mask, work_copy
 from hub.preprocess import map_to_image, overlay, resize_image, resize_map
 
 # Full-size overlays and maps are computed this many pixels at a time: blending works in float32
@@ -45,27 +47,42 @@ def blur(saliency: np.ndarray, sigma: float) -> np.ndarray:
     return (out / peak).astype(np.float32) if peak > 0 else out.astype(np.float32)
 
 
+def _unit(shape: tuple[int, ...]) -> tuple[float, int]:
+    """Line and label size for an image of this shape: they grow with the image."""
+    unit = max(1.0, max(shape[:2]) / 500)
+    return unit, max(1, round(1.5 * unit))
+
+
+def _badge(out: np.ndarray, label: str, x: float, y: float, unit: float, thick: int, fill=(0, 0, 0)) -> None:
+    """A numbered disc centred on pixel (x, y), kept inside the image (drawn in place)."""
+    h, w = out.shape[:2]
+    font_scale = 0.6 * unit
+    (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+    radius = round(max(tw, th) * 0.9 + 2 * unit)
+    cx = int(np.clip(x, radius, max(radius, w - radius)))
+    cy = int(np.clip(y, radius, max(radius, h - radius)))
+    cv2.circle(out, (cx, cy), radius, fill, -1, cv2.LINE_AA)
+    cv2.circle(out, (cx, cy), radius, (255, 255, 255), max(1, thick // 2), cv2.LINE_AA)
+    origin = (cx - tw // 2, cy + th // 2)
+    cv2.putText(out, label, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick, cv2.LINE_AA)
+
+
+def _outline(out: np.ndarray, polys: list[np.ndarray], unit: float, thick: int) -> None:
+    """White outlines on a dark edge, legible on any colormap or photo (drawn in place)."""
+    cv2.polylines(out, polys, True, (0, 0, 0), thick + 2 * max(1, round(unit)), cv2.LINE_AA)
+    cv2.polylines(out, polys, True, (255, 255, 255), thick, cv2.LINE_AA)
+
+
 def draw_regions(image: np.ndarray, regions: Iterable[Region]) -> np.ndarray:
     """Draw each region's outline and its number (white on a dark edge, legible on any colormap)."""
     out = np.ascontiguousarray(image).copy()
     h, w = out.shape[:2]
-    unit = max(1.0, max(h, w) / 500)  # line and label size grow with the image
-    thick = max(1, round(1.5 * unit))
+    unit, thick = _unit(out.shape)
     scale = np.array([w, h], np.float32)
     for region in regions:
         polys = [np.round(c * scale).astype(np.int32).reshape(-1, 1, 2) for c in region.contours]
-        cv2.polylines(out, polys, True, (0, 0, 0), thick + 2 * max(1, round(unit)), cv2.LINE_AA)
-        cv2.polylines(out, polys, True, (255, 255, 255), thick, cv2.LINE_AA)
-        label = str(region.index)
-        font_scale = 0.6 * unit
-        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-        radius = round(max(tw, th) * 0.9 + 2 * unit)
-        cx = int(np.clip(region.peak[0] * w, radius, max(radius, w - radius)))
-        cy = int(np.clip(region.peak[1] * h, radius, max(radius, h - radius)))
-        cv2.circle(out, (cx, cy), radius, (0, 0, 0), -1, cv2.LINE_AA)
-        cv2.circle(out, (cx, cy), radius, (255, 255, 255), max(1, thick // 2), cv2.LINE_AA)
-        origin = (cx - tw // 2, cy + th // 2)
-        cv2.putText(out, label, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick, cv2.LINE_AA)
+        _outline(out, polys, unit, thick)
+        _badge(out, str(region.index), region.peak[0] * w, region.peak[1] * h, unit, thick)
     return out
 
 
@@ -88,12 +105,145 @@ def render_overlay(
     shown = blur(saliency, sigma)
     if stats is None:
         stats = attention_stats(shown, top_k)
+    return draw_regions(heat_overlay(image, shown, colormap, opacity), stats.regions), stats
+
+
+# -- areas of interest, focus map, viewing order, compare -------------------------------------------
+
+# AOI outline colours (RGB), distinct from each other and from the heatmap's reds and yellows.
+AOI_COLORS = ((0, 200, 255), (255, 64, 200), (120, 255, 90), (255, 255, 255), (160, 120, 255), (255, 150, 40))
+FOG = (18, 20, 28)  # what unattended parts of the photo fade towards in the focus map
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled font at `size` px (no system fonts needed; Latin text, any size)."""
+    return ImageFont.load_default(size=max(8, int(size)))
+
+
+def draw_aois(image: np.ndarray, boxes: Sequence[Box], shares: Sequence[AoiShare] | None = None) -> np.ndarray:
+    """Each area of interest as a coloured rectangle with a tag "name · share" (share if given)."""
+    out = Image.fromarray(np.ascontiguousarray(image))
+    h, w = image.shape[:2]
+    unit, thick = _unit(image.shape)
+    draw = ImageDraw.Draw(out)
+    text_font = font(13 * unit)
+    for i, box in enumerate(boxes):
+        color = AOI_COLORS[i % len(AOI_COLORS)]
+        x0, y0, x1, y1 = box.to_pixels((h, w))
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(0, 0, 0), width=thick + 2)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=thick)
+        label = box.name if shares is None else f"{box.name} · {shares[i].share:.0%}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=text_font)
+        pad = round(2 * unit)
+        tx, ty = min(x0, max(0, w - (right - left) - 2 * pad)), max(0, y0 - (bottom - top) - 2 * pad - 1)
+        if ty == 0 and y0 < (bottom - top) + 2 * pad:  # no room above: the tag goes inside the box
+            ty = y0 + thick
+        draw.rectangle((tx, ty, tx + right - left + 2 * pad, ty + bottom - top + 2 * pad), fill=color)
+        draw.text((tx + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=text_font)
+    return np.asarray(out)
+
+
+def render_focus(image: np.ndarray, saliency: np.ndarray, mass: float = 0.75, fog: float = 0.82) -> np.ndarray:
+    """The "fog" view: the photo at full brightness inside the smallest region holding `mass` of the
+    attention (outlined), fading towards dark where the map is low. Output has the map's size."""
+    rgb = resize_image(image, saliency.shape[:2]).astype(np.float32)
+    mask = focus_mask(saliency, mass)
+    level = float(saliency[mask].min()) if mask.any() else 1.0
+    seen = np.clip(saliency / level, 0.0, 1.0) if level > 0 else np.ones(saliency.shape)
+    keep = (1.0 - fog * (1.0 - seen) ** 1.5)[:, :, None]
+    out = (rgb * keep + np.array(FOG, np.float32) * (1.0 - keep) + 0.5).astype(np.uint8)
+    unit, thick = _unit(out.shape)
+    found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    _outline(out, list(found), unit, thick)
+    return out
+
+
+def render_viewing_order(image: np.ndarray, order: Sequence[Fixation], dim: float = 0.35) -> np.ndarray:
+    """The likely viewing order: numbered points joined in order, on the photo dimmed by `dim`."""
+    out = (np.ascontiguousarray(image).astype(np.float32) * (1.0 - dim) + 0.5).astype(np.uint8)
+    h, w = out.shape[:2]
+    unit, thick = _unit(out.shape)
+    points = [(round(f.x * w), round(f.y * h)) for f in order]
+    if len(points) > 1:
+        path = [np.array(points, np.int32).reshape(-1, 1, 2)]
+        cv2.polylines(out, path, False, (0, 0, 0), thick + 2 * max(1, round(unit)) + 1, cv2.LINE_AA)
+        cv2.polylines(out, path, False, (255, 200, 0), thick + 1, cv2.LINE_AA)
+    for i, (f, (x, y)) in enumerate(zip(order, points)):
+        _badge(out, str(f.index), x, y, unit * 1.2, thick, fill=(230, 90, 0) if i == 0 else (0, 0, 0))
+    return out
+
+
+def common_scale(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Maps of several variants on one colour scale: each as attention per unit of image area
+    (map / its mean), all divided by the largest such value, so equal colours mean equal density."""
+    dens = [m.astype(np.float32) / float(m.mean()) if float(m.mean()) > 0 else m.astype(np.float32) for m in maps]
+    top = max((float(d.max()) for d in dens), default=0.0)
+    return [d / top if top > 0 else d for d in dens]
+
+
+def heat_overlay(image: np.ndarray, shown: np.ndarray, colormap: str = "turbo", opacity: float = 0.6) -> np.ndarray:
+    """The heatmap of an already scaled map (0..1) over the image, at the map's size, in strips."""
     rgb = resize_image(image, shown.shape[:2])
-    alpha = float(np.clip(opacity, 0.0, 1.0))
     drawn = np.empty_like(rgb)
-    for rows in _strips(shown.shape):  # overlay() is per pixel, so strips give the same image
-        drawn[rows] = overlay(rgb[rows], shown[rows], colormap=colormap, alpha=alpha)
-    return draw_regions(drawn, stats.regions), stats
+    for rows in _strips(shown.shape):
+        drawn[rows] = overlay(rgb[rows], shown[rows], colormap=colormap, alpha=float(np.clip(opacity, 0.0, 1.0)))
+    return drawn
+
+
+@dataclass(frozen=True)
+class ReportPanel:
+    title: str
+    image: np.ndarray  # H x W x 3 uint8
+
+
+def render_report(
+    title: str,
+    panels: Sequence[ReportPanel],
+    table: Sequence[Sequence[str]],
+    notes: Sequence[str],
+    width: int = 1600,
+) -> np.ndarray:
+    """One page: a title line, the panels two per row with captions, a table, and notes (Pillow).
+
+    table: header row first; every cell a string. Returns H x W x 3 uint8 (white background).
+    """
+    margin, gap = 40, 24
+    col_w = (width - 2 * margin - gap) // 2
+    big, mid, small = font(30), font(20), font(17)
+    line = 26
+    fitted = []
+    for p in panels:
+        h, w = p.image.shape[:2]
+        scale = min(col_w / w, 520 / h)
+        fitted.append((p.title, Image.fromarray(p.image).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)))
+    rows = [fitted[i : i + 2] for i in range(0, len(fitted), 2)]
+    panels_h = sum(max(im.height for _, im in row) + 36 + gap for row in rows)
+    height = margin + 50 + panels_h + line * (len(table) + 2) + line * (len(notes) + 1) + margin
+    page = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    draw.text((margin, margin), title, fill=(20, 20, 20), font=big)
+    y = margin + 56
+    for row in rows:
+        for k, (caption, im) in enumerate(row):
+            x = margin + k * (col_w + gap)
+            draw.text((x, y), caption, fill=(40, 40, 40), font=mid)
+            page.paste(im, (x, y + 30))
+        y += max(im.height for _, im in row) + 36 + gap
+    if table:
+        widths = [max(draw.textlength(str(r[c]), font=small) for r in table) + 28 for c in range(len(table[0]))]
+        for i, r in enumerate(table):
+            x = margin
+            if i == 0:
+                draw.rectangle((margin - 6, y - 3, margin + sum(widths), y + line - 4), fill=(238, 240, 244))
+            for c, cell in enumerate(r):
+                draw.text((x, y), str(cell), fill=(20, 20, 20), font=small)
+                x += widths[c]
+            y += line
+        y += line
+    for note in notes:
+        draw.text((margin, y), note, fill=(70, 70, 70), font=small)
+        y += line
+    return np.asarray(page)
 
 
 def _strips(shape: tuple[int, ...]) -> list[slice]:
@@ -146,3 +296,12 @@ def write_zip(entries: Iterable[tuple[str, bytes]], path: str | os.PathLike) -> 
             zf.writestr(name, data)
     os.replace(tmp, path)
     return path
+
+
+def write_csv(rows: Iterable[Sequence[Any]], path: str | os.PathLike) -> Path:
+    """Rows as a UTF-8 CSV (with a BOM, so spreadsheet apps read names with accents), written atomically."""
+    import csv
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return _write_atomic(("\ufeff" + buf.getvalue()).encode("utf-8"), Path(path))
