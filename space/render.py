@@ -143,14 +143,14 @@ def draw_aois(image: np.ndarray, boxes: Sequence[Box], shares: Sequence[AoiShare
     return np.asarray(out)
 
 
-def render_focus(image: np.ndarray, saliency: np.ndarray, mass: float = 0.75, fog: float = 0.82) -> np.ndarray:
+def render_focus(image: np.ndarray, saliency: np.ndarray, mass: float = 0.75, fog: float = 0.85) -> np.ndarray:
     """The "fog" view: the photo at full brightness inside the smallest region holding `mass` of the
     attention (outlined), fading towards dark where the map is low. Output has the map's size."""
     rgb = resize_image(image, saliency.shape[:2]).astype(np.float32)
     mask = focus_mask(saliency, mass)
     level = float(saliency[mask].min()) if mask.any() else 1.0
     seen = np.clip(saliency / level, 0.0, 1.0) if level > 0 else np.ones(saliency.shape)
-    keep = (1.0 - fog * (1.0 - seen) ** 1.5)[:, :, None]
+    keep = (1.0 - fog * (1.0 - seen**2))[:, :, None]  # half the threshold: a quarter of the way back from fog
     out = (rgb * keep + np.array(FOG, np.float32) * (1.0 - keep) + 0.5).astype(np.uint8)
     unit, thick = _unit(out.shape)
     found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -488,7 +488,11 @@ class Handlers:
                                render.render_viewing_order(analysis.preview_image, order)),  # fmt: skip
         ]
         if boxes:
-            table = [["#", *AOI_HEADERS]] + [[str(i + 1), *row] for i, row in enumerate(aoi_table(analysis.aoi_shares(boxes)))]
+            rows = aoi_table(analysis.aoi_shares(boxes))
+            # The report's font (Pillow's own) has no "÷" or "×".
+            table = [["#", *(h.replace("÷", "/") for h in AOI_HEADERS)]] + [
+                [str(i + 1), *(c.replace("×", "x") for c in row)] for i, row in enumerate(rows)
+            ]
         else:
             table = [["Peak region", "Attention", "Area", "Peak height"]] + [
                 [str(r.index), f"{r.share:.1%}", f"{r.area:.1%}", f"{r.peak_value:.2f}"] for r in stats.regions
@@ -700,15 +704,14 @@ class Views:
     overlay: gr.Image
     grey: gr.Image
     slider: gr.ImageSlider
-    focus: gr.Image
-    focus_level: gr.Radio
-    order: gr.Image
-    places: gr.Slider
+    focus: gr.Image | None = None
+    focus_level: gr.Radio | None = None
+    order: gr.Image | None = None
+    places: gr.Slider | None = None
 
 
 def _result_views() -> Views:
-    """Overlay, grey map, before/after slider, focus map and viewing order, one tab each (labels
-    hidden: the tabs name them)."""
+    """Overlay, grey map and before/after slider, one tab each (labels hidden: the tabs name them)."""
     common = {"show_label": False, "interactive": False, "buttons": ["fullscreen"]}
     with gr.Tabs():
         with gr.Tab("Overlay", id="overlay"):
@@ -719,15 +722,22 @@ def _result_views() -> Views:
         with gr.Tab("Before / after", id="slider"):
             slider = gr.ImageSlider(label="Drag to compare", format="webp", max_height=420, elem_id="before-after",
                                     **common)  # fmt: skip
+    return Views(overlay, grey, slider)
+
+
+def _analysis_views(views: Views) -> Views:
+    """Focus map and likely viewing order: a second group of tabs (five in one bar do not fit a phone)."""
+    common = {"show_label": False, "interactive": False, "buttons": ["fullscreen"]}
+    with gr.Tabs(elem_id="analysis-views"):
         with gr.Tab("Focus map", id="focus"):
-            focus = gr.Image(label="Focus map", format="webp", height=420, elem_id="focus", **common)
-            level = gr.Radio(FOCUS_CHOICES, value=DEFAULT_FOCUS, label="Outline the smallest region holding this much "
-                             "of the attention (the rest fades out)", elem_id="focus-level")  # fmt: skip
+            views.focus = gr.Image(label="Focus map", format="webp", height=420, elem_id="focus", **common)
+            views.focus_level = gr.Radio(FOCUS_CHOICES, value=DEFAULT_FOCUS, label="Outline the smallest region holding "
+                                         "this much of the attention (the rest fades out)", elem_id="focus-level")  # fmt: skip
         with gr.Tab("Viewing order", id="order"):
-            order = gr.Image(label="Likely viewing order", format="webp", height=420, elem_id="order", **common)
-            places = gr.Slider(1, MAX_PLACES, value=DEFAULT_PLACES, step=1, label="Places", elem_id="places")
+            views.order = gr.Image(label="Likely viewing order", format="webp", height=420, elem_id="order", **common)
+            views.places = gr.Slider(1, MAX_PLACES, value=DEFAULT_PLACES, step=1, label="Places", elem_id="places")
             gr.Markdown(f"*{ORDER_NOTE}*")
-    return Views(overlay, grey, slider, focus, level, order, places)
+    return views
 
 
 def _aoi_editor() -> Any:
@@ -783,6 +793,7 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                             map_dl = gr.DownloadButton("Download map (16-bit PNG)", elem_id="download-map", **download)
                             overlay_dl = gr.DownloadButton("Download overlay (PNG)", elem_id="download-overlay", **download)
                             report_dl = gr.DownloadButton("Download report (PNG)", elem_id="download-report", **download)
+                        _analysis_views(views)
                         controls = _controls()
                         stats = gr.Markdown(elem_id="stats")
                 with gr.Accordion("Areas of interest", open=True, elem_id="aois"):
