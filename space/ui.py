@@ -175,7 +175,7 @@ CSV_HEADERS = ["image", "aoi", "attention_share", "area_share", "ratio", "rank",
 # Measured by `python -m train.evaluate --aoi` (README, "How far to trust AOI shares").
 AOI_AGREEMENT = (
     "AOI shares agree with real eye-tracking within 6.0 points on average (the centre prior: 7.4), "
-    "see the project README, *How far to trust AOI shares*."
+    "see *How far to trust AOI shares* in the README."
 )
 ORDER_NOTE = (
     "An estimate from the map (winner-take-all with inhibition of return: the strongest spot, then the "
