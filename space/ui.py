@@ -52,6 +52,7 @@ CSS = """
   h1 {font-size: 1.45rem !important;}
   #stats table {font-size: 0.8rem;}
   #stats td, #stats th {padding: 4px 6px !important; word-break: normal !important;}
+  #aoi-table {font-size: 0.8rem;}
 }
 """
 # Raw <head> CSS: gradio scopes `css` to the content area, but the page's own 32 px side padding
@@ -169,7 +170,7 @@ DEFAULT_FOCUS = 0.75
 DEFAULT_PLACES = 5
 MAX_PLACES = 10
 MAX_AOIS = 20
-AOI_HEADERS = ["AOI", "Attention", "Area", "Attention ÷ area", "Rank"]
+AOI_HEADERS = ["AOI", "Attention", "Area", "Ratio", "Rank"]  # ratio: attention ÷ area
 CSV_HEADERS = ["image", "aoi", "attention_share", "area_share", "ratio", "rank", "x0", "y0", "x1", "y1",
                "xmin_px", "ymin_px", "xmax_px", "ymax_px", "model"]  # fmt: skip
 # Measured by `python -m train.evaluate --aoi` (README, "How far to trust AOI shares").
@@ -251,8 +252,8 @@ def boxes_from_api(value: Any, size: tuple[int, int]) -> list[Box]:
 
 
 def aoi_table(rows: list[AoiShare]) -> list[list[str]]:
-    """The rows shown on the page (and in the report): name, attention, area, ratio, rank."""
-    return [[r.name, f"{r.share:.1%}", f"{r.area:.1%}", f"{r.ratio:.1f} ×", str(r.rank)] for r in rows]
+    """The rows shown on the page (and in the report), by rank: name, attention, area, ratio, rank."""
+    return [[r.name, f"{r.share:.1%}", f"{r.area:.1%}", f"{r.ratio:.1f} ×", str(r.rank)] for r in sorted(rows, key=lambda r: r.rank)]
 
 
 def aoi_csv_rows(image: str, size: tuple[int, int], boxes: list[Box], rows: list[AoiShare], model: str) -> list[list[Any]]:
@@ -490,7 +491,7 @@ class Handlers:
         if boxes:
             rows = aoi_table(analysis.aoi_shares(boxes))
             # The report's font (Pillow's own) has no "÷" or "×".
-            table = [["#", *(h.replace("÷", "/") for h in AOI_HEADERS)]] + [
+            table = [["#", *AOI_HEADERS]] + [
                 [str(i + 1), *(c.replace("×", "x") for c in row)] for i, row in enumerate(rows)
             ]
         else:
@@ -745,7 +746,8 @@ def _aoi_editor() -> Any:
     from gradio_image_annotation import image_annotator
 
     return image_annotator(
-        label="Draw areas of interest: drag a rectangle, then name it (logo, headline, button …)",
+        label="Areas of interest",
+        show_label=False,  # a floating label would cover the top of the image, where boxes are drawn
         image_type="filepath",  # the image is only shown; the map is in the session's state
         sources=[],
         show_clear_button=False,
@@ -798,8 +800,9 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                         stats = gr.Markdown(elem_id="stats")
                 with gr.Accordion("Areas of interest", open=True, elem_id="aois"):
                     gr.Markdown(
-                        "Mark the parts of the design you care about (logo, headline, call to action). Each gets its "
-                        "share of the predicted attention, its share of the image area, and their ratio: *2 ×* means "
+                        "Drag a rectangle on the image below around each part of the design you care about (logo, "
+                        "headline, call to action) and name it. Each gets its "
+                        "share of the predicted attention, its share of the image area, and their *ratio*: *2 ×* means "
                         "twice the attention its size alone would get. Editing them never re-runs the model, and "
                         "they stay in place (by relative position) for the next image and for *Compare*. "
                         f"{AOI_AGREEMENT}"
