@@ -162,6 +162,7 @@ SPACE_FILES = (
     "app.py",
     "requirements.txt",
     "hub/__init__.py",
+    "hub/analysis.py",
     "hub/card.py",
     "hub/config.py",
     "hub/model.py",

@@ -3,8 +3,9 @@
 A map is computed once per upload; colormap, opacity, blur and the number of peak regions only
 change what is drawn from it, so each of those is a pure function of (image, map, settings).
 Colorizing and blending are `hub.preprocess.colorize` / `overlay` (one rendering path for the
-app, the model card and the benchmarks); this module adds display blur, the peak-region
-statistics, the numbered outlines and the files users download.
+app, the model card and the benchmarks); the statistics (peak regions, areas of interest, focus
+region, viewing order) are `hub.analysis`, shared with the evaluation; this module adds display
+blur and draws them, and writes the files users download.
 
 Shapes: images are H x W x 3 uint8 RGB, maps H x W float32 in [0, 1] with peak 1.
 """
@@ -14,80 +15,21 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
-from scipy import ndimage
+from PIL import Image, ImageDraw, ImageFont
 
+from hub.analysis import AoiShare, AttentionStats, Box, Fixation, Region, attention_stats, focus_mask, work_copy
 from hub.preprocess import map_to_image, overlay, resize_image, resize_map
 
-# Statistics and blur run on a copy of the map at most this many pixels on its longer side.
-# Fixation maps are smooth (their detail is ~1/30 of the image), so this loses nothing and makes
-# both independent of the upload's resolution.
-WORK_SIDE = 256
-# A peak region is the connected area around a peak above this fraction of the peak's value.
-REGION_LEVEL = 0.5
-# Local maxima examined per map (a noisy map can have hundreds; the top few decide the regions).
-MAX_CANDIDATES = 64
 # Full-size overlays and maps are computed this many pixels at a time: blending works in float32
 # (16 bytes a pixel), which for a 4096 x 4096 image would otherwise mean ~0.7 GB at once.
 STRIP_PIXELS = 1 << 20
-# Local maxima below this fraction of the global peak are noise, not places people look.
-MIN_PEAK = 0.05
-# A region holding less than this share of all attention is a speck (e.g. a border pixel), not a place.
-MIN_SHARE = 0.01
-
-
-@dataclass(frozen=True)
-class Region:
-    """One peak region. Coordinates are fractions of the image width/height (0..1), so a region
-    can be drawn on the preview and on the full-size overlay alike.
-
-    share: fraction of the map's total attention (the map normalised to sum 1) inside the region.
-    area: fraction of the image area the region covers.
-    peak, centroid: (x, y); centroid is attention-weighted.
-    contours: outlines, each an N x 2 array of (x, y) fractions.
-    """
-
-    index: int
-    share: float
-    area: float
-    peak_value: float
-    peak: tuple[float, float]
-    centroid: tuple[float, float]
-    contours: tuple[np.ndarray, ...]
-
-
-@dataclass(frozen=True)
-class AttentionStats:
-    """Summary of where the predicted attention goes.
-
-    regions: the top-k peak regions, strongest peak first.
-    top10_share: share of attention in the 10 % most salient pixels (1.0 = all attention there;
-        0.1 = spread evenly over the image), a resolution-independent concentration measure.
-    """
-
-    regions: tuple[Region, ...]
-    top10_share: float
-
-    @property
-    def regions_share(self) -> float:
-        return float(sum(r.share for r in self.regions))
-
-    @property
-    def regions_area(self) -> float:
-        return float(sum(r.area for r in self.regions))
-
-
-def _small(saliency: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
-    h, w = saliency.shape
-    scale = min(1.0, side / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return resize_map(saliency, size)
 
 
 def blur(saliency: np.ndarray, sigma: float) -> np.ndarray:
@@ -98,95 +40,49 @@ def blur(saliency: np.ndarray, sigma: float) -> np.ndarray:
     """
     if sigma <= 0:
         return saliency
-    small = _small(saliency)
+    small = work_copy(saliency)
     small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma * max(small.shape), borderType=cv2.BORDER_REPLICATE)
     out = np.clip(resize_map(small, saliency.shape), 0.0, None)
     peak = float(out.max())
     return (out / peak).astype(np.float32) if peak > 0 else out.astype(np.float32)
 
 
-def attention_stats(saliency: np.ndarray, top_k: int = 3) -> AttentionStats:
-    """Top-k peak regions of a map and the share of attention each holds.
+def _unit(shape: tuple[int, ...]) -> tuple[float, int]:
+    """Line and label size for an image of this shape: they grow with the image."""
+    unit = max(1.0, max(shape[:2]) / 500)
+    return unit, max(1, round(1.5 * unit))
 
-    Peaks are the local maxima of the map (on a <= 256 px copy), strongest first. A peak's region
-    is the connected area around it where the map stays at or above half the peak's value. A
-    peak whose region would overlap a stronger peak's is part of the same hill and is skipped,
-    so regions never overlap and their shares add up.
-    """
-    small = _small(saliency).astype(np.float64)
-    total = float(small.sum())
-    if total <= 0 or not np.isfinite(total):
-        return AttentionStats(regions=(), top10_share=0.0)
-    density = small / total
-    flat = np.sort(density, axis=None)[::-1]
-    top10 = float(flat[: max(1, round(flat.size * 0.1))].sum())
-    if top_k <= 0:
-        return AttentionStats(regions=(), top10_share=top10)
 
-    sh, sw = small.shape
-    size = max(3, (max(sh, sw) // 16) | 1)
-    maxima = (small >= ndimage.maximum_filter(small, size=size, mode="nearest")) & (small >= MIN_PEAK * small.max())
-    labels, count = ndimage.label(maxima)
-    peaks = ndimage.maximum_position(small, labels, range(1, count + 1)) if count else []
-    peaks = sorted(peaks, key=lambda p: -small[p])[:MAX_CANDIDATES]
+def _badge(out: np.ndarray, label: str, x: float, y: float, unit: float, thick: int, fill=(0, 0, 0)) -> None:
+    """A numbered disc centred on pixel (x, y), kept inside the image (drawn in place)."""
+    h, w = out.shape[:2]
+    font_scale = 0.6 * unit
+    (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+    radius = round(max(tw, th) * 0.9 + 2 * unit)
+    cx = int(np.clip(x, radius, max(radius, w - radius)))
+    cy = int(np.clip(y, radius, max(radius, h - radius)))
+    cv2.circle(out, (cx, cy), radius, fill, -1, cv2.LINE_AA)
+    cv2.circle(out, (cx, cy), radius, (255, 255, 255), max(1, thick // 2), cv2.LINE_AA)
+    origin = (cx - tw // 2, cy + th // 2)
+    cv2.putText(out, label, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick, cv2.LINE_AA)
 
-    regions: list[Region] = []
-    taken = np.zeros(small.shape, bool)
-    yy, xx = np.mgrid[0:sh, 0:sw]
-    for p in peaks:
-        if len(regions) == top_k:
-            break
-        parts, _ = ndimage.label(small >= REGION_LEVEL * small[p])
-        mask = parts == parts[p]
-        if (mask & taken).any():
-            continue
-        weights = density[mask]
-        share = float(weights.sum())
-        if share < MIN_SHARE:
-            continue
-        taken |= mask
-        cx = float((xx[mask] * weights).sum() / share) if share > 0 else float(p[1])
-        cy = float((yy[mask] * weights).sum() / share) if share > 0 else float(p[0])
-        found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        # Straighten the pixel staircase, which would show as jagged steps on a larger overlay.
-        found = [cv2.approxPolyDP(c, 0.8, True) if len(c) > 8 else c for c in found]
-        # Contour points are pixel centres; +0.5 then / size maps them onto 0..1 of the image.
-        contours = tuple((c[:, 0, :].astype(np.float32) + 0.5) / np.array([sw, sh], np.float32) for c in found)
-        regions.append(
-            Region(
-                index=len(regions) + 1,
-                share=share,
-                area=float(mask.mean()),
-                peak_value=float(small[p] / small.max()),
-                peak=(float((p[1] + 0.5) / sw), float((p[0] + 0.5) / sh)),
-                centroid=((cx + 0.5) / sw, (cy + 0.5) / sh),
-                contours=contours,
-            )
-        )
-    return AttentionStats(regions=tuple(regions), top10_share=top10)
+
+def _outline(out: np.ndarray, polys: list[np.ndarray], unit: float, thick: int) -> None:
+    """White outlines on a dark edge, legible on any colormap or photo (drawn in place)."""
+    cv2.polylines(out, polys, True, (0, 0, 0), thick + 2 * max(1, round(unit)), cv2.LINE_AA)
+    cv2.polylines(out, polys, True, (255, 255, 255), thick, cv2.LINE_AA)
 
 
 def draw_regions(image: np.ndarray, regions: Iterable[Region]) -> np.ndarray:
     """Draw each region's outline and its number (white on a dark edge, legible on any colormap)."""
     out = np.ascontiguousarray(image).copy()
     h, w = out.shape[:2]
-    unit = max(1.0, max(h, w) / 500)  # line and label size grow with the image
-    thick = max(1, round(1.5 * unit))
+    unit, thick = _unit(out.shape)
     scale = np.array([w, h], np.float32)
     for region in regions:
         polys = [np.round(c * scale).astype(np.int32).reshape(-1, 1, 2) for c in region.contours]
-        cv2.polylines(out, polys, True, (0, 0, 0), thick + 2 * max(1, round(unit)), cv2.LINE_AA)
-        cv2.polylines(out, polys, True, (255, 255, 255), thick, cv2.LINE_AA)
-        label = str(region.index)
-        font_scale = 0.6 * unit
-        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-        radius = round(max(tw, th) * 0.9 + 2 * unit)
-        cx = int(np.clip(region.peak[0] * w, radius, max(radius, w - radius)))
-        cy = int(np.clip(region.peak[1] * h, radius, max(radius, h - radius)))
-        cv2.circle(out, (cx, cy), radius, (0, 0, 0), -1, cv2.LINE_AA)
-        cv2.circle(out, (cx, cy), radius, (255, 255, 255), max(1, thick // 2), cv2.LINE_AA)
-        origin = (cx - tw // 2, cy + th // 2)
-        cv2.putText(out, label, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick, cv2.LINE_AA)
+        _outline(out, polys, unit, thick)
+        _badge(out, str(region.index), region.peak[0] * w, region.peak[1] * h, unit, thick)
     return out
 
 
@@ -209,12 +105,145 @@ def render_overlay(
     shown = blur(saliency, sigma)
     if stats is None:
         stats = attention_stats(shown, top_k)
+    return draw_regions(heat_overlay(image, shown, colormap, opacity), stats.regions), stats
+
+
+# -- areas of interest, focus map, viewing order, compare -------------------------------------------
+
+# AOI outline colours (RGB), distinct from each other and from the heatmap's reds and yellows.
+AOI_COLORS = ((0, 200, 255), (255, 64, 200), (120, 255, 90), (255, 255, 255), (160, 120, 255), (255, 150, 40))
+FOG = (18, 20, 28)  # what unattended parts of the photo fade towards in the focus map
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled font at `size` px (no system fonts needed; Latin text, any size)."""
+    return ImageFont.load_default(size=max(8, int(size)))
+
+
+def draw_aois(image: np.ndarray, boxes: Sequence[Box], shares: Sequence[AoiShare] | None = None) -> np.ndarray:
+    """Each area of interest as a coloured rectangle with a tag "name · share" (share if given)."""
+    out = Image.fromarray(np.ascontiguousarray(image))
+    h, w = image.shape[:2]
+    unit, thick = _unit(image.shape)
+    draw = ImageDraw.Draw(out)
+    text_font = font(13 * unit)
+    for i, box in enumerate(boxes):
+        color = AOI_COLORS[i % len(AOI_COLORS)]
+        x0, y0, x1, y1 = box.to_pixels((h, w))
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(0, 0, 0), width=thick + 2)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=thick)
+        label = box.name if shares is None else f"{box.name} · {shares[i].share:.0%}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=text_font)
+        pad = round(2 * unit)
+        tx, ty = min(x0, max(0, w - (right - left) - 2 * pad)), max(0, y0 - (bottom - top) - 2 * pad - 1)
+        if ty == 0 and y0 < (bottom - top) + 2 * pad:  # no room above: the tag goes inside the box
+            ty = y0 + thick
+        draw.rectangle((tx, ty, tx + right - left + 2 * pad, ty + bottom - top + 2 * pad), fill=color)
+        draw.text((tx + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=text_font)
+    return np.asarray(out)
+
+
+def render_focus(image: np.ndarray, saliency: np.ndarray, mass: float = 0.75, fog: float = 0.85) -> np.ndarray:
+    """The "fog" view: the photo at full brightness inside the smallest region holding `mass` of the
+    attention (outlined), fading towards dark where the map is low. Output has the map's size."""
+    rgb = resize_image(image, saliency.shape[:2]).astype(np.float32)
+    mask = focus_mask(saliency, mass)
+    level = float(saliency[mask].min()) if mask.any() else 1.0
+    seen = np.clip(saliency / level, 0.0, 1.0) if level > 0 else np.ones(saliency.shape)
+    keep = (1.0 - fog * (1.0 - seen**2))[:, :, None]  # half the threshold: a quarter of the way back from fog
+    out = (rgb * keep + np.array(FOG, np.float32) * (1.0 - keep) + 0.5).astype(np.uint8)
+    unit, thick = _unit(out.shape)
+    found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    _outline(out, list(found), unit, thick)
+    return out
+
+
+def render_viewing_order(image: np.ndarray, order: Sequence[Fixation], dim: float = 0.35) -> np.ndarray:
+    """The likely viewing order: numbered points joined in order, on the photo dimmed by `dim`."""
+    out = (np.ascontiguousarray(image).astype(np.float32) * (1.0 - dim) + 0.5).astype(np.uint8)
+    h, w = out.shape[:2]
+    unit, thick = _unit(out.shape)
+    points = [(round(f.x * w), round(f.y * h)) for f in order]
+    if len(points) > 1:
+        path = [np.array(points, np.int32).reshape(-1, 1, 2)]
+        cv2.polylines(out, path, False, (0, 0, 0), thick + 2 * max(1, round(unit)) + 1, cv2.LINE_AA)
+        cv2.polylines(out, path, False, (255, 200, 0), thick + 1, cv2.LINE_AA)
+    for i, (f, (x, y)) in enumerate(zip(order, points)):
+        _badge(out, str(f.index), x, y, unit * 1.2, thick, fill=(230, 90, 0) if i == 0 else (0, 0, 0))
+    return out
+
+
+def common_scale(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Maps of several variants on one colour scale: each as attention per unit of image area
+    (map / its mean), all divided by the largest such value, so equal colours mean equal density."""
+    dens = [m.astype(np.float32) / float(m.mean()) if float(m.mean()) > 0 else m.astype(np.float32) for m in maps]
+    top = max((float(d.max()) for d in dens), default=0.0)
+    return [d / top if top > 0 else d for d in dens]
+
+
+def heat_overlay(image: np.ndarray, shown: np.ndarray, colormap: str = "turbo", opacity: float = 0.6) -> np.ndarray:
+    """The heatmap of an already scaled map (0..1) over the image, at the map's size, in strips."""
     rgb = resize_image(image, shown.shape[:2])
-    alpha = float(np.clip(opacity, 0.0, 1.0))
     drawn = np.empty_like(rgb)
-    for rows in _strips(shown.shape):  # overlay() is per pixel, so strips give the same image
-        drawn[rows] = overlay(rgb[rows], shown[rows], colormap=colormap, alpha=alpha)
-    return draw_regions(drawn, stats.regions), stats
+    for rows in _strips(shown.shape):
+        drawn[rows] = overlay(rgb[rows], shown[rows], colormap=colormap, alpha=float(np.clip(opacity, 0.0, 1.0)))
+    return drawn
+
+
+@dataclass(frozen=True)
+class ReportPanel:
+    title: str
+    image: np.ndarray  # H x W x 3 uint8
+
+
+def render_report(
+    title: str,
+    panels: Sequence[ReportPanel],
+    table: Sequence[Sequence[str]],
+    notes: Sequence[str],
+    width: int = 1600,
+) -> np.ndarray:
+    """One page: a title line, the panels two per row with captions, a table, and notes (Pillow).
+
+    table: header row first; every cell a string. Returns H x W x 3 uint8 (white background).
+    """
+    margin, gap = 40, 24
+    col_w = (width - 2 * margin - gap) // 2
+    big, mid, small = font(30), font(20), font(17)
+    line = 26
+    fitted = []
+    for p in panels:
+        h, w = p.image.shape[:2]
+        scale = min(col_w / w, 520 / h)
+        fitted.append((p.title, Image.fromarray(p.image).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)))
+    rows = [fitted[i : i + 2] for i in range(0, len(fitted), 2)]
+    panels_h = sum(max(im.height for _, im in row) + 36 + gap for row in rows)
+    height = margin + 50 + panels_h + line * (len(table) + 2) + line * (len(notes) + 1) + margin
+    page = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    draw.text((margin, margin), title, fill=(20, 20, 20), font=big)
+    y = margin + 56
+    for row in rows:
+        for k, (caption, im) in enumerate(row):
+            x = margin + k * (col_w + gap)
+            draw.text((x, y), caption, fill=(40, 40, 40), font=mid)
+            page.paste(im, (x, y + 30))
+        y += max(im.height for _, im in row) + 36 + gap
+    if table:
+        widths = [max(draw.textlength(str(r[c]), font=small) for r in table) + 28 for c in range(len(table[0]))]
+        for i, r in enumerate(table):
+            x = margin
+            if i == 0:
+                draw.rectangle((margin - 6, y - 3, margin + sum(widths), y + line - 4), fill=(238, 240, 244))
+            for c, cell in enumerate(r):
+                draw.text((x, y), str(cell), fill=(20, 20, 20), font=small)
+                x += widths[c]
+            y += line
+        y += line
+    for note in notes:
+        draw.text((margin, y), note, fill=(70, 70, 70), font=small)
+        y += line
+    return np.asarray(page)
 
 
 def _strips(shape: tuple[int, ...]) -> list[slice]:
@@ -267,3 +296,12 @@ def write_zip(entries: Iterable[tuple[str, bytes]], path: str | os.PathLike) -> 
             zf.writestr(name, data)
     os.replace(tmp, path)
     return path
+
+
+def write_csv(rows: Iterable[Sequence[Any]], path: str | os.PathLike) -> Path:
+    """Rows as a UTF-8 CSV (with a BOM, so spreadsheet apps read names with accents), written atomically."""
+    import csv
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return _write_atomic(("\ufeff" + buf.getvalue()).encode("utf-8"), Path(path))

@@ -25,6 +25,8 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from hub import analysis
+from hub.analysis import AoiShare, AttentionStats, Box, attention_stats
 from hub.preprocess import COLORMAPS, map_to_image
 from space import render, serving
 from space.serving import ModelLoadError, ModelStore, UploadError
@@ -50,6 +52,7 @@ CSS = """
   h1 {font-size: 1.45rem !important;}
   #stats table {font-size: 0.8rem;}
   #stats td, #stats th {padding: 4px 6px !important; word-break: normal !important;}
+  #aoi-table {font-size: 0.8rem;}
 }
 """
 # Raw <head> CSS: gradio scopes `css` to the content area, but the page's own 32 px side padding
@@ -103,19 +106,34 @@ class Analysis:
     preview_image: np.ndarray  # the same, at most serving.PREVIEW_SIDE px
     preview_map: np.ndarray
     folder: Path  # where this upload's download files are written
-    stats_cache: dict[tuple[float, int], render.AttentionStats] = field(default_factory=dict)
+    stats_cache: dict[tuple[float, int], AttentionStats] = field(default_factory=dict)
     map_file: Path | None = None
 
     @property
     def stem(self) -> str:
         return _safe_stem(self.name)
 
-    def stats(self, display: Display) -> render.AttentionStats:
+    def stats(self, display: Display) -> AttentionStats:
         key = (display.blur, display.peaks)
         if key not in self.stats_cache:
             shown = render.blur(self.preview_map, display.blur / 100)
-            self.stats_cache[key] = render.attention_stats(shown, display.peaks)
+            self.stats_cache[key] = attention_stats(shown, display.peaks)
         return self.stats_cache[key]
+
+    def aoi_shares(self, boxes: list[Box]) -> list[AoiShare]:
+        """Each AOI's share of the predicted attention, on the stored map (never the model)."""
+        return analysis.aoi_shares(self.preview_map, boxes)
+
+    def focus(self, mass: float) -> np.ndarray:
+        return render.render_focus(self.preview_image, self.preview_map, mass)
+
+    def order(self, places: int) -> list[analysis.Fixation]:
+        return analysis.viewing_order(self.preview_map, places)
+
+    def save_aoi_csv(self, boxes: list[Box], model: str) -> Path:
+        """The AOIs and their numbers as CSV (fractions and full-size pixels, so both can be reused)."""
+        return render.write_csv(aoi_csv_rows(self.name, self.saliency.shape, boxes, self.aoi_shares(boxes), model),
+                                self.folder / f"{self.stem}_aois.csv")  # fmt: skip
 
     def save_map(self) -> Path:
         """The map as a 16-bit PNG at full size (written once per upload)."""
@@ -145,10 +163,131 @@ def _safe_stem(name: str) -> str:
     return stem[:80]
 
 
+# -- areas of interest, focus, viewing order -----------------------------------------------------------
+
+FOCUS_CHOICES = [(f"{level:.0%}", level) for level in analysis.FOCUS_LEVELS]
+DEFAULT_FOCUS = 0.75
+DEFAULT_PLACES = 5
+MAX_PLACES = 10
+MAX_AOIS = 20
+AOI_HEADERS = ["AOI", "Attention", "Area", "Ratio", "Rank"]  # ratio: attention ÷ area
+CSV_HEADERS = ["image", "aoi", "attention_share", "area_share", "ratio", "rank", "x0", "y0", "x1", "y1",
+               "xmin_px", "ymin_px", "xmax_px", "ymax_px", "model"]  # fmt: skip
+# Measured by `python -m train.evaluate --aoi` (README, "How far to trust AOI shares").
+AOI_AGREEMENT = (
+    "AOI shares agree with real eye-tracking within 6.0 points on average (the centre prior: 7.4), "
+    "see *How far to trust AOI shares* in the README."
+)
+ORDER_NOTE = (
+    "An estimate from the map (winner-take-all with inhibition of return: the strongest spot, then the "
+    "strongest one not yet visited), not a scanpath model."
+)
+VARIANTS = "ABCD"
+
+
+def focus_level(value: Any) -> float:
+    level = _num(value, DEFAULT_FOCUS)
+    return min(analysis.FOCUS_LEVELS, key=lambda lv: abs(lv - level))
+
+
+def places_count(value: Any) -> int:
+    return int(np.clip(_num(value, DEFAULT_PLACES), 1, MAX_PLACES))
+
+
+def boxes_from_annotator(value: Any) -> list[Box]:
+    """AOIs from the annotator's value (pixel boxes on the shown preview) as fractions of the image."""
+    if not isinstance(value, dict) or not value.get("boxes"):
+        return []
+    size = _annotated_size(value)
+    boxes = []
+    for i, b in enumerate(value["boxes"][:MAX_AOIS]):
+        name = str(b.get("label") or "").strip() or f"AOI {i + 1}"
+        try:
+            boxes.append(Box.from_pixels(name, b["xmin"], b["ymin"], b["xmax"], b["ymax"], size))
+        except (KeyError, TypeError, ValueError):
+            continue  # a box dragged off the image, or still being drawn: nothing to measure
+    return boxes
+
+
+def _annotated_size(value: dict) -> tuple[int, int]:
+    image = value.get("image")
+    if isinstance(image, np.ndarray):
+        return image.shape[:2]
+    from PIL import Image
+
+    with Image.open(image) as img:
+        return img.height, img.width
+
+
+def boxes_from_api(value: Any, size: tuple[int, int]) -> list[Box]:
+    """AOIs sent to /analyze: a list of {"name", "xmin", "ymin", "xmax", "ymax"} in pixels of the image
+    as sent (`size` is its (height, width)); raises gr.Error with one sentence naming the bad box."""
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise gr.Error(f"boxes is not valid JSON ({err}); send a list like [{{\"name\": \"logo\", \"xmin\": 10, "
+                           "\"ymin\": 10, \"xmax\": 200, \"ymax\": 80}].") from err  # fmt: skip
+    if isinstance(value, dict) and "boxes" in value:
+        value = value["boxes"]
+    if not isinstance(value, list):
+        raise gr.Error("boxes must be a list of {name, xmin, ymin, xmax, ymax} in pixels of the image.")
+    if len(value) > MAX_AOIS:
+        raise gr.Error(f"{len(value)} boxes is more than the {MAX_AOIS} an analysis takes; send fewer.")
+    boxes = []
+    for i, b in enumerate(value):
+        try:
+            name = str(b.get("name") or b.get("label") or f"AOI {i + 1}")
+            boxes.append(Box.from_pixels(name, float(b["xmin"]), float(b["ymin"]), float(b["xmax"]), float(b["ymax"]), size))
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        except (KeyError, TypeError, AttributeError) as err:
+            raise gr.Error(f"boxes[{i}] ({b!r}) needs numbers xmin, ymin, xmax, ymax in pixels of the image "
+                           "(and optionally a name).") from err  # fmt: skip
+    return boxes
+
+
+def aoi_table(rows: list[AoiShare]) -> list[list[str]]:
+    """The rows shown on the page (and in the report), by rank: name, attention, area, ratio, rank."""
+    return [[r.name, f"{r.share:.1%}", f"{r.area:.1%}", f"{r.ratio:.1f} ×", str(r.rank)] for r in sorted(rows, key=lambda r: r.rank)]
+
+
+def aoi_csv_rows(image: str, size: tuple[int, int], boxes: list[Box], rows: list[AoiShare], model: str) -> list[list[Any]]:
+    out: list[list[Any]] = [CSV_HEADERS]
+    for box, r in zip(boxes, rows):
+        out.append([image, r.name, f"{r.share:.4f}", f"{r.area:.4f}", f"{r.ratio:.3f}", r.rank,
+                    *(f"{v:.4f}" for v in (box.x0, box.y0, box.x1, box.y1)), *box.to_pixels(size), model])  # fmt: skip
+    return out
+
+
+def annotator_value(image: np.ndarray, boxes: list[Box]) -> dict:
+    """The annotator showing `image` with `boxes` (fractions) drawn at its size."""
+    h, w = image.shape[:2]
+    return {
+        "image": image,
+        "boxes": [dict(zip(("xmin", "ymin", "xmax", "ymax"), b.to_pixels((h, w))), label=b.name,
+                       color=render.AOI_COLORS[i % len(render.AOI_COLORS)]) for i, b in enumerate(boxes)],
+    }  # fmt: skip
+
+
+def comparison_markdown(names: list[str], table: list[analysis.AoiComparison]) -> str:
+    """Which variant gives each AOI the larger share, as a Markdown table."""
+    letters = [f"{VARIANTS[i]} ({n})" for i, n in enumerate(names)]
+    lines = ["| AOI | " + " | ".join(letters) + " | Larger share |", "|---" * (len(names) + 2) + "|"]
+    for row in table:
+        best = "tie (within 0.5 points)" if row.winner is None else f"**{VARIANTS[row.winner]}**"
+        lines.append(f"| {row.name} | " + " | ".join(f"{s:.1%}" for s in row.shares) + f" | {best} |")
+    return "\n".join(lines)
+
+
 # -- text shown on the page ------------------------------------------------------------------------
 
 
-def stats_markdown(stats: render.AttentionStats, size: tuple[int, int]) -> str:
+def stats_markdown(stats: AttentionStats, size: tuple[int, int]) -> str:
     """The attention statistics as Markdown: a one-line summary and a table of the numbered regions."""
     h, w = size
     lines = []
@@ -289,6 +428,178 @@ class Handlers:
         except Exception as err:
             raise _fail(err, analysis.name) from err
 
+    # -- areas of interest, focus map, viewing order, report (all from the stored map) --------------
+
+    def views(self, analysis: Analysis | None, boxes: Any, focus: Any, places: Any) -> tuple:
+        """After an upload: focus map, viewing order, the AOI editor on the new image (the AOIs
+        drawn so far carried over by relative position) and their table."""
+        if analysis is None:
+            return None, None, None, []
+        boxes = list(boxes or [])
+        try:
+            order = render.render_viewing_order(analysis.preview_image, analysis.order(places_count(places)))
+            return (
+                analysis.focus(focus_level(focus)),
+                order,
+                annotator_value(analysis.preview_image, boxes),
+                aoi_table(analysis.aoi_shares(boxes)),
+            )
+        except Exception as err:
+            raise _fail(err, analysis.name) from err
+
+    def edit_aois(self, analysis: Analysis | None, annotated: Any) -> tuple:
+        """The AOIs were drawn, moved, renamed or removed: their table, from the stored map."""
+        if analysis is None:
+            return gr.skip(), []
+        try:
+            boxes = boxes_from_annotator(annotated)
+            return boxes, aoi_table(analysis.aoi_shares(boxes))
+        except Exception as err:
+            raise _fail(err, analysis.name) from err
+
+    def focus_view(self, analysis: Analysis | None, focus: Any) -> Any:
+        if analysis is None:
+            return gr.skip()
+        return analysis.focus(focus_level(focus))
+
+    def order_view(self, analysis: Analysis | None, places: Any) -> Any:
+        if analysis is None:
+            return gr.skip()
+        return render.render_viewing_order(analysis.preview_image, analysis.order(places_count(places)))
+
+    def model_label(self) -> str:
+        """Which model made a result: its id or folder, the revision, and the device it ran on."""
+        spec = self.store.spec
+        revision = f" @ {spec.revision}" if spec.revision else ""
+        return f"{spec.model}{revision} · {self.store.device_label()}"
+
+    def report(self, analysis: Analysis, display: Display, boxes: list[Box], focus: float, places: int) -> np.ndarray:
+        """The one-page report: image, heatmap (peak regions and AOIs), focus map, viewing order,
+        the AOI table (or the peak regions when there are no AOIs), the model and the date."""
+        import datetime
+
+        stats = analysis.stats(display)
+        order = analysis.order(places)
+        heat = render.draw_aois(analysis.overlay(display), boxes, analysis.aoi_shares(boxes) if boxes else None)
+        panels = [
+            render.ReportPanel("Image", analysis.preview_image),
+            render.ReportPanel("Predicted attention (numbered peak regions" + (", AOIs)" if boxes else ")"), heat),
+            render.ReportPanel(f"Focus map: the smallest region holding {focus:.0%} of the attention", analysis.focus(focus)),
+            render.ReportPanel(f"Likely viewing order, first {len(order)} places (an estimate)",
+                               render.render_viewing_order(analysis.preview_image, order)),  # fmt: skip
+        ]
+        if boxes:
+            rows = aoi_table(analysis.aoi_shares(boxes))
+            # The report's font (Pillow's own) has no "÷" or "×".
+            table = [["#", *AOI_HEADERS]] + [
+                [str(i + 1), *(c.replace("×", "x") for c in row)] for i, row in enumerate(rows)
+            ]
+        else:
+            table = [["Peak region", "Attention", "Area", "Peak height"]] + [
+                [str(r.index), f"{r.share:.1%}", f"{r.area:.1%}", f"{r.peak_value:.2f}"] for r in stats.regions
+            ]
+        h, w = analysis.saliency.shape
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        notes = [
+            f"The 10 % most salient pixels hold {stats.top10_share:.0%} of the predicted attention; "
+            f"the numbered peak regions hold {stats.regions_share:.0%} in {stats.regions_area:.0%} of the image.",
+            "Viewing order: " + ORDER_NOTE,
+            AOI_AGREEMENT.replace("*", ""),
+            f"Model: {self.model_label()} · map {w} x {h} px · made {when}.",
+        ]
+        return render.render_report(f"Where do people look? {analysis.name}", panels, table, notes)
+
+    def export_analysis(self, analysis: Analysis | None, boxes: Any, colormap: Any, opacity: Any, blur: Any, peaks: Any,
+                        focus: Any, places: Any) -> tuple:  # fmt: skip
+        """The AOI CSV and the report PNG for the download buttons, for the current settings."""
+        if analysis is None:
+            return gr.update(value=None, interactive=False), gr.update(value=None, interactive=False)
+        boxes = list(boxes or [])
+        try:
+            csv_file = analysis.save_aoi_csv(boxes, self.model_label()) if boxes else None
+            page = self.report(analysis, Display.of(colormap, opacity, blur, peaks), boxes, focus_level(focus), places_count(places))
+            report_file = render.save_rgb_png(page, analysis.folder / f"{analysis.stem}_report.png")
+        except Exception as err:
+            raise _fail(err, analysis.name) from err
+        return (
+            gr.update(value=str(csv_file) if csv_file else None, interactive=csv_file is not None),
+            gr.update(value=str(report_file), interactive=True),
+        )
+
+    def compare(self, payloads: Any, boxes: Any, colormap: Any, opacity: Any) -> tuple:
+        """2-4 variants -> overlays on one colour scale with the same AOIs, the comparison table, a status."""
+        files = [p for p in (payloads or []) if p]
+        if not 2 <= len(files) <= len(VARIANTS):
+            raise gr.Error(f"Add two to four variants of the design to compare ({len(files)} given).")
+        display = Display.of(colormap, opacity, 0, 0)
+        boxes = list(boxes or [])
+        folder = self.folders.new()
+        try:
+            uploads = [serving.read_upload(*serving.read_payload(p, folder)) for p in files]
+            self.store.get()
+            maps, seconds = self.infer([u.image for u in uploads])
+        except Exception as err:
+            raise _fail(err, "a variant") from err
+        previews = [render.fit_within(u.image, serving.PREVIEW_SIDE) for u in uploads]
+        small_maps = [render.fit_within(m, serving.PREVIEW_SIDE) for m in maps]
+        gallery, per_variant = [], []
+        for i, (upload, image, shown) in enumerate(zip(uploads, previews, render.common_scale(small_maps))):
+            rows = analysis.aoi_shares(small_maps[i], boxes)
+            per_variant.append(rows)
+            stats = attention_stats(small_maps[i], 0)
+            drawn = render.draw_aois(render.heat_overlay(image, shown, display.colormap, display.opacity), boxes, rows or None)
+            gallery.append((drawn, f"{VARIANTS[i]}: {upload.name} · top 10 % of pixels hold {stats.top10_share:.0%}"))
+        names = [u.name for u in uploads]
+        if boxes:
+            table = comparison_markdown(names, analysis.compare_aois(per_variant))
+        else:
+            table = ("No areas of interest yet: draw them on the *Image* tab (on any one variant); they are "
+                     "applied here to every variant by relative position.")  # fmt: skip
+        status = (f"{len(uploads)} variants on **{self.store.device_label()}** in {seconds:.2f} s of inference. "
+                  "One colour scale for all: equal colours mean equal attention per unit of area.")  # fmt: skip
+        return gallery, table, status
+
+    def api_analyze(self, image: Any, boxes: Any, focus: Any, places: Any) -> tuple:
+        """The /analyze endpoint: image + AOI boxes in; the AOI table (with viewing order and focus
+        region) as JSON, and the overlay, focus map and viewing order as PNGs (preview size)."""
+        if image is None:
+            raise gr.Error("No image was sent; pass one image file, e.g. handle_file('photo.jpg').")
+        name = image.get("orig_name", "the image") if isinstance(image, dict) else "the image"
+        try:
+            analysis_, upload, _ = self._analyse_one(image)
+        except Exception as err:
+            raise _fail(err, name) from err
+        aois = boxes_from_api(boxes, upload.original_size)
+        try:
+            mass, n = focus_level(focus), places_count(places)
+            rows = analysis_.aoi_shares(aois)
+            order = analysis_.order(n)
+            mask = analysis.focus_mask(analysis_.preview_map, mass)
+            stats = analysis_.stats(DEFAULT)
+            table = {
+                "image": analysis_.name,
+                "model": self.model_label(),
+                "aois": [{"name": r.name, "attention_share": r.share, "area_share": r.area, "ratio": r.ratio, "rank": r.rank,
+                          "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b.to_pixels(upload.original_size)))}
+                         for b, r in zip(aois, rows)],  # fmt: skip
+                "viewing_order": [{"index": f.index, "x": round(f.x * upload.original_size[1], 1),
+                                   "y": round(f.y * upload.original_size[0], 1), "value": f.value} for f in order],  # fmt: skip
+                "focus": {"mass": mass, "area_share": float(mask.mean())},
+                "peak_regions": [{"index": r.index, "attention_share": r.share, "area_share": r.area} for r in stats.regions],
+                "top10_share": stats.top10_share,
+                "note": ORDER_NOTE,
+            }
+            heat = render.draw_aois(analysis_.overlay(DEFAULT), aois, rows or None)
+            files = [
+                render.save_rgb_png(heat, analysis_.folder / f"{analysis_.stem}_aois.png"),
+                render.save_rgb_png(analysis_.focus(mass), analysis_.folder / f"{analysis_.stem}_focus.png"),
+                render.save_rgb_png(render.render_viewing_order(analysis_.preview_image, order),
+                                    analysis_.folder / f"{analysis_.stem}_order.png"),  # fmt: skip
+            ]
+        except Exception as err:
+            raise _fail(err, name) from err
+        return (table, *(str(f) for f in files))
+
     def api_predict(self, image: Any) -> tuple[str, str]:
         """The /predict endpoint: image in; overlay PNG (RGB) and map PNG (16-bit grey) out, both full size."""
         if image is None:
@@ -338,7 +649,7 @@ class Handlers:
                     used.add(stem)
                     preview_map = render.fit_within(saliency, serving.PREVIEW_SIDE)
                     shown = render.blur(preview_map, display.blur / 100)
-                    stats = render.attention_stats(shown, display.peaks)
+                    stats = attention_stats(shown, display.peaks)
                     overlay, _ = render.render_overlay(
                         render.fit_within(upload.image, serving.PREVIEW_SIDE),
                         preview_map,
@@ -389,7 +700,18 @@ def _image_input() -> gr.Image:
     )
 
 
-def _result_views() -> tuple[gr.Image, gr.Image, gr.ImageSlider]:
+@dataclass
+class Views:
+    overlay: gr.Image
+    grey: gr.Image
+    slider: gr.ImageSlider
+    focus: gr.Image | None = None
+    focus_level: gr.Radio | None = None
+    order: gr.Image | None = None
+    places: gr.Slider | None = None
+
+
+def _result_views() -> Views:
     """Overlay, grey map and before/after slider, one tab each (labels hidden: the tabs name them)."""
     common = {"show_label": False, "interactive": False, "buttons": ["fullscreen"]}
     with gr.Tabs():
@@ -401,7 +723,40 @@ def _result_views() -> tuple[gr.Image, gr.Image, gr.ImageSlider]:
         with gr.Tab("Before / after", id="slider"):
             slider = gr.ImageSlider(label="Drag to compare", format="webp", max_height=420, elem_id="before-after",
                                     **common)  # fmt: skip
-    return overlay, grey, slider
+    return Views(overlay, grey, slider)
+
+
+def _analysis_views(views: Views) -> Views:
+    """Focus map and likely viewing order: a second group of tabs (five in one bar do not fit a phone)."""
+    common = {"show_label": False, "interactive": False, "buttons": ["fullscreen"]}
+    with gr.Tabs(elem_id="analysis-views"):
+        with gr.Tab("Focus map", id="focus"):
+            views.focus = gr.Image(label="Focus map", format="webp", height=420, elem_id="focus", **common)
+            views.focus_level = gr.Radio(FOCUS_CHOICES, value=DEFAULT_FOCUS, label="Outline the smallest region holding "
+                                         "this much of the attention (the rest fades out)", elem_id="focus-level")  # fmt: skip
+        with gr.Tab("Viewing order", id="order"):
+            views.order = gr.Image(label="Likely viewing order", format="webp", height=420, elem_id="order", **common)
+            views.places = gr.Slider(1, MAX_PLACES, value=DEFAULT_PLACES, step=1, label="Places", elem_id="places")
+            gr.Markdown(f"*{ORDER_NOTE}*")
+    return views
+
+
+def _aoi_editor() -> Any:
+    """The AOI editor: `gradio_image_annotation` (rectangles on the image, each with a label)."""
+    from gradio_image_annotation import image_annotator
+
+    return image_annotator(
+        label="Areas of interest",
+        show_label=False,  # a floating label would cover the top of the image, where boxes are drawn
+        image_type="filepath",  # the image is only shown; the map is in the session's state
+        sources=[],
+        show_clear_button=False,
+        show_download_button=False,
+        show_remove_button=True,
+        box_min_size=4,
+        height=420,
+        elem_id="aoi-editor",
+    )
 
 
 def _controls() -> list[gr.components.Component]:
@@ -434,13 +789,43 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                         gr.Examples(examples, inputs=image_in, label="Examples (public-domain photos)", elem_id="examples")
                     with gr.Column(scale=1, min_width=280):
                         status = gr.Markdown(status_markdown(store), elem_id="status")
-                        overlay, grey, slider = _result_views()
+                        views = _result_views()
                         with gr.Row():
                             download = {"size": "md", "interactive": False}  # enabled once there is a file
                             map_dl = gr.DownloadButton("Download map (16-bit PNG)", elem_id="download-map", **download)
                             overlay_dl = gr.DownloadButton("Download overlay (PNG)", elem_id="download-overlay", **download)
+                            report_dl = gr.DownloadButton("Download report (PNG)", elem_id="download-report", **download)
+                        _analysis_views(views)
                         controls = _controls()
                         stats = gr.Markdown(elem_id="stats")
+                with gr.Accordion("Areas of interest", open=True, elem_id="aois"):
+                    gr.Markdown(
+                        "Drag a rectangle on the image below around each part of the design you care about (logo, "
+                        "headline, call to action) and name it. Each gets its "
+                        "share of the predicted attention, its share of the image area, and their *ratio*: *2 ×* means "
+                        "twice the attention its size alone would get. Editing them never re-runs the model, and "
+                        "they stay in place (by relative position) for the next image and for *Compare*. "
+                        f"{AOI_AGREEMENT}"
+                    )
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=1, min_width=280):
+                            editor = _aoi_editor()
+                        with gr.Column(scale=1, min_width=280):
+                            aoi_rows = gr.Dataframe(headers=AOI_HEADERS, value=[], interactive=False, label="AOI table",
+                                                    elem_id="aoi-table", wrap=True)  # fmt: skip
+                            csv_dl = gr.DownloadButton("Download AOIs (CSV)", elem_id="download-csv", **download)
+            with gr.Tab("Compare", id="compare"):
+                gr.Markdown(
+                    "Two to four variants of a design side by side, on one colour scale. The areas of interest drawn "
+                    "on the *Image* tab are applied to every variant by relative position, and the table says which "
+                    "variant gives each of them the larger share of attention."
+                )
+                compare_in = gr.File(label="Variants (2 to 4 images)", file_count="multiple", file_types=["image"],
+                                     elem_id="compare-input")  # fmt: skip
+                compare_go = gr.Button("Compare", variant="primary", elem_id="compare-go")
+                compare_status = gr.Markdown(elem_id="compare-status")
+                compare_gallery = gr.Gallery(label="Variants", columns=2, height="auto", format="webp", elem_id="compare-gallery")
+                compare_table = gr.Markdown(elem_id="compare-table")
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown(
                     f"Up to {serving.MAX_BATCH} images at once. The zip holds each map as a 16-bit PNG at the "
@@ -454,19 +839,38 @@ def build_demo(store: ModelStore) -> gr.Blocks:
         gr.Markdown(
             f"Images up to {serving.MAX_UPLOAD_MB} MB and {serving.MAX_PIXELS // 1_000_000} MP; maps are returned at "
             f"the original resolution up to {serving.MAX_OUTPUT_SIDE} px per side. Use the app from code through its "
-            "API (`/predict`, see *Use via API* below)."
+            "API (`/predict` and `/analyze`, see *Use via API* below)."
         )
         state = gr.State(None, time_to_live=1800)  # the upload's Analysis: image and map
+        aoi_boxes = gr.State([], time_to_live=1800)  # the AOIs as fractions of the image (hub.analysis.Box)
 
         settings = [state, *controls]
-        image_in.change(
-            h.analyse, [image_in, *controls], [state, overlay, grey, slider, stats, status], preprocess=False,
-            show_progress_on=[overlay], trigger_mode="always_last", **inference, **private,
-        ).success(h.export, settings, [map_dl, overlay_dl], **quiet)  # fmt: skip
+        analysis_settings = [state, aoi_boxes, *controls, views.focus_level, views.places]
+        analysed = image_in.change(
+            h.analyse, [image_in, *controls], [state, views.overlay, views.grey, views.slider, stats, status],
+            preprocess=False, show_progress_on=[views.overlay], trigger_mode="always_last", **inference, **private,
+        )  # fmt: skip
+        analysed.success(h.export, settings, [map_dl, overlay_dl], **quiet)
+        analysed.success(
+            h.views, [state, aoi_boxes, views.focus_level, views.places], [views.focus, views.order, editor, aoi_rows], **quiet
+        ).success(h.export_analysis, analysis_settings, [csv_dl, report_dl], **quiet)
         gr.on(
-            [c.change for c in controls], h.rerender, settings, [overlay, slider, stats],
+            [c.change for c in controls], h.rerender, settings, [views.overlay, views.slider, stats],
             trigger_mode="always_last", **quiet,
-        ).success(h.export_overlay, settings, overlay_dl, trigger_mode="always_last", **quiet)
+        ).success(h.export_overlay, settings, overlay_dl, trigger_mode="always_last", **quiet)  # fmt: skip
+        editor.change(h.edit_aois, [state, editor], [aoi_boxes, aoi_rows], trigger_mode="always_last", **quiet).success(
+            h.export_analysis, analysis_settings, [csv_dl, report_dl], trigger_mode="always_last", **quiet
+        )
+        views.focus_level.change(h.focus_view, [state, views.focus_level], views.focus, **quiet)
+        views.places.change(h.order_view, [state, views.places], views.order, trigger_mode="always_last", **quiet)
+        gr.on(
+            [views.focus_level.change, views.places.release, *(c.change for c in controls)], h.export_analysis,
+            analysis_settings, [csv_dl, report_dl], trigger_mode="always_last", **quiet,
+        )  # fmt: skip
+        compare_go.click(
+            h.compare, [compare_in, aoi_boxes, controls[0], controls[1]], [compare_gallery, compare_table, compare_status],
+            preprocess=False, **inference, **private,
+        )  # fmt: skip
         batch_go.click(
             h.batch, [batch_in, *controls], [gallery, zip_dl, batch_status], preprocess=False, **inference, **private
         )
@@ -479,10 +883,30 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                 gr.Image(format="png", label="overlay"),
                 gr.Image(format="png", label="saliency map (16-bit PNG)"),
             ]
+            analyze_inputs = [
+                gr.JSON(label="boxes"),
+                gr.Number(value=DEFAULT_FOCUS, label="focus"),
+                gr.Number(value=DEFAULT_PLACES, label="places"),
+            ]
+            analyze_outputs = [
+                gr.JSON(label="table"),
+                gr.Image(format="png", label="overlay with areas of interest"),
+                gr.Image(format="png", label="focus map"),
+                gr.Image(format="png", label="viewing order"),
+            ]
         gr.on(
             [], h.api_predict, api_in, api_outputs, api_name="predict", preprocess=False, **inference,
             api_description="Saliency of one image: the heatmap overlay (RGB PNG) and the map (16-bit greyscale PNG), "
             f"both at the image's size (up to {serving.MAX_OUTPUT_SIDE} px per side).",
+        )  # fmt: skip
+        gr.on(
+            [], h.api_analyze, [api_in, *analyze_inputs], analyze_outputs, api_name="analyze", preprocess=False, **inference,
+            api_description="Attention analysis of one image. boxes: a list of {name, xmin, ymin, xmax, ymax} in pixels "
+            "of the image (areas of interest; may be empty); focus: 0.5, 0.75 or 0.9 (the focus region holds this "
+            f"share of the attention); places: 1-{MAX_PLACES} (likely viewing order). Returns the table as JSON (each "
+            "AOI's attention_share, area_share, ratio, rank; the viewing order in pixels; the focus region; the peak "
+            "regions; the model) and three RGB PNGs at preview size: the overlay with the AOIs, the focus map and the "
+            "viewing order.",
         )  # fmt: skip
     return demo
 

@@ -175,11 +175,39 @@ def test_uploads_over_the_size_limit_are_refused(app, client, tmp_path):
     check_pngs(*client.predict(handle_file(tmp_path / "ok.png"), api_name="/predict"), (64, 48))
 
 
-def test_the_api_documents_only_predict(client):
+def test_the_api_documents_predict_and_analyze(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert list(endpoints) == ["/predict"]
+    assert list(endpoints) == ["/predict", "/analyze"]
     assert [p["component"] for p in endpoints["/predict"]["parameters"]] == ["Image"]
     assert [r["component"] for r in endpoints["/predict"]["returns"]] == ["Image", "Image"]
+    assert [p["component"] for p in endpoints["/analyze"]["parameters"]] == ["Image", "Json", "Number", "Number"]
+    assert [r["component"] for r in endpoints["/analyze"]["returns"]] == ["Json", "Image", "Image", "Image"]
+
+
+def test_analyze_api_returns_the_aoi_table_and_three_views(client, tmp_path):
+    Image.fromarray(photo(120, 160)).save(tmp_path / "ad.png")
+    boxes = [{"name": "logo", "xmin": 0, "ymin": 0, "xmax": 80, "ymax": 60}, {"name": "rest", "xmin": 80, "ymin": 0, "xmax": 160, "ymax": 120}]
+    table, overlay, focus, order = client.predict(handle_file(tmp_path / "ad.png"), boxes, 0.5, 3, api_name="/analyze")
+    assert [a["name"] for a in table["aois"]] == ["logo", "rest"]
+    logo, rest = table["aois"]
+    assert logo["area_share"] == pytest.approx(0.25) and rest["area_share"] == pytest.approx(0.5)
+    assert 0 <= logo["attention_share"] <= 1 and logo["ratio"] == pytest.approx(logo["attention_share"] / 0.25)
+    assert sorted([logo["rank"], rest["rank"]]) == [1, 2]
+    assert logo["box"] == {"xmin": 0, "ymin": 0, "xmax": 80, "ymax": 60}
+    assert 1 <= len(table["viewing_order"]) <= 3 and table["focus"]["mass"] == 0.5
+    assert "not a scanpath model" in table["note"] and table["model"]
+    for path in (overlay, focus, order):
+        with Image.open(path) as im:
+            assert im.size == (160, 120) and im.mode == "RGB"
+    # No boxes: still the views and the viewing order; a bad box: one sentence naming it.
+    table, *_ = client.predict(handle_file(tmp_path / "ad.png"), [], 0.75, 5, api_name="/analyze")
+    assert table["aois"] == [] and table["focus"]["mass"] == 0.75
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(tmp_path / "ad.png"), [{"name": "cta", "xmin": 10}], 0.75, 5, api_name="/analyze")
+    assert "boxes[0]" in str(info.value) and "needs numbers xmin, ymin, xmax, ymax" in str(info.value)
+    with pytest.raises(AppError, match=r"Area of interest 'off' .* has no area inside the 160 x 120 image"):
+        client.predict(handle_file(tmp_path / "ad.png"), [{"name": "off", "xmin": 200, "ymin": 0, "xmax": 300, "ymax": 50}],
+                       0.75, 5, api_name="/analyze")  # fmt: skip
 
 
 # -- starting the app ------------------------------------------------------------------------------
@@ -257,8 +285,8 @@ def test_share_failure_keeps_serving_locally(tiny_model_dir, monkeypatch, capfd)
         # Busy servers queue (and refuse beyond QUEUE_SIZE with gradio's "queue is full" message),
         # and the model runs one request at a time, whichever way it is called.
         assert demo._queue.max_size == serving.QUEUE_SIZE
-        inference = [fn for fn in demo.fns.values() if fn.name in ("analyse", "batch", "api_predict")]
-        assert len(inference) == 3
+        inference = [fn for fn in demo.fns.values() if fn.name in ("analyse", "batch", "compare", "api_predict", "api_analyze")]
+        assert len(inference) == 5
         assert {(fn.concurrency_id, fn.concurrency_limit) for fn in inference} == {("inference", serving.INFERENCE_CONCURRENCY)}
     finally:
         demo.close()
@@ -364,6 +392,82 @@ def test_display_changes_re_render_without_running_the_model(handlers, tmp_path)
     assert cleared[0] is None and cleared[1] is None
 
 
+def test_aois_focus_order_and_report_come_from_the_stored_map(handlers, tmp_path):
+    from hub.analysis import Box
+    from space.ui import boxes_from_annotator
+
+    Image.fromarray(photo(120, 160)).save(tmp_path / "poster.png")
+    state, *_ = handlers.analyse(payload(tmp_path / "poster.png"), "turbo", 0.6, 0.0, 3)
+    calls = CountingStore.calls
+    focus, order, editor, rows = handlers.views(state, [], 0.75, 5)
+    assert focus.shape == order.shape == (120, 160, 3) and rows == []
+    assert editor["boxes"] == [] and editor["image"].shape == (120, 160, 3)
+
+    # Draw two AOIs in the editor (pixels of the shown image), one unnamed.
+    drawn = {"image": editor["image"], "boxes": [
+        {"label": "logo", "xmin": 0, "ymin": 0, "xmax": 80, "ymax": 60},
+        {"label": "", "xmin": 80, "ymin": 60, "xmax": 160, "ymax": 120},
+    ]}  # fmt: skip
+    boxes, table = handlers.edit_aois(state, drawn)
+    assert boxes == [Box("logo", 0, 0, 0.5, 0.5), Box("AOI 2", 0.5, 0.5, 1, 1)]
+    assert sorted(r[0] for r in table) == ["AOI 2", "logo"] and [r[4] for r in table] == ["1", "2"]  # by rank
+    shares = [float(r[1].rstrip("%")) / 100 for r in table]
+    assert shares[0] >= shares[1] and [r[2] for r in table] == ["25.0%", "25.0%"]
+    ratio = float(table[0][3].split()[0])
+    assert ratio == pytest.approx(shares[0] / 0.25, abs=0.06)
+    # Moving an AOI re-computes its row, still without the model.
+    drawn["boxes"][0].update(xmin=40, xmax=120)
+    moved, table2 = handlers.edit_aois(state, drawn)
+    assert moved[0] == Box("logo", 0.25, 0, 0.75, 0.5) and table2 != table
+
+    # Focus threshold and the number of places re-render from the state.
+    tight, loose = handlers.focus_view(state, 0.5), handlers.focus_view(state, 0.9)
+    assert tight.shape == loose.shape and np.abs(tight.astype(int) - loose.astype(int)).mean() > 0.5
+    assert handlers.order_view(state, 2).shape == (120, 160, 3)
+
+    csv_update, report_update = handlers.export_analysis(state, moved, "turbo", 0.6, 0.0, 3, 0.75, 5)
+    assert CountingStore.calls == calls  # AOIs, focus, viewing order, CSV and report never re-ran the model
+    with open(csv_update["value"], encoding="utf-8-sig") as f:
+        rows_csv = list(csv.DictReader(f))
+    assert [r["aoi"] for r in rows_csv] == ["logo", "AOI 2"] and rows_csv[0]["image"] == "poster.png"
+    assert (rows_csv[0]["xmin_px"], rows_csv[0]["xmax_px"], rows_csv[0]["ymax_px"]) == ("40", "120", "60")
+    assert float(rows_csv[0]["area_share"]) == pytest.approx(0.25) and rows_csv[0]["model"]
+    with Image.open(report_update["value"]) as report:
+        assert report.mode == "RGB" and report.width == 1600 and report.height > 800
+        assert Path(report_update["value"]).name == "poster_report.png"
+    # Without AOIs: no CSV to download, still a report.
+    csv_none, report_none = handlers.export_analysis(state, [], "turbo", 0.6, 0.0, 3, 0.75, 5)
+    assert csv_none["interactive"] is False and report_none["interactive"] is True
+    # The AOIs carry over, by relative position, to the next upload.
+    Image.fromarray(photo(60, 200)).save(tmp_path / "banner.png")
+    banner, *_ = handlers.analyse(payload(tmp_path / "banner.png"), "turbo", 0.6, 0.0, 3)
+    _, _, editor2, rows2 = handlers.views(banner, moved, 0.75, 5)
+    assert [(b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in editor2["boxes"]] == [(50, 0, 150, 30), (100, 30, 200, 60)]
+    assert sorted(r[0] for r in rows2) == ["AOI 2", "logo"]
+    assert boxes_from_annotator(None) == []
+
+
+def test_compare_puts_variants_on_one_scale_with_the_same_aois(handlers, tmp_path):
+    from hub.analysis import Box
+
+    files = []
+    for i, (h, w) in enumerate([(120, 160), (60, 80), (90, 120)]):
+        Image.fromarray(photo(h, w, seed=i)[:, ::-1 if i == 1 else 1]).save(tmp_path / f"v{i}.png")
+        files.append(payload(tmp_path / f"v{i}.png"))
+    boxes = [Box("left", 0, 0, 0.5, 1), Box("right", 0.5, 0, 1, 1)]
+    gallery, table, status = handlers.compare(files, boxes, "turbo", 0.6)
+    assert [g[0].shape for g in gallery] == [(120, 160, 3), (60, 80, 3), (90, 120, 3)]
+    assert [c.split(":")[0] for _, c in gallery] == ["A", "B", "C"]
+    assert "| AOI | A (v0.png) | B (v1.png) | C (v2.png) | Larger share |" in table
+    assert "| left |" in table and "| right |" in table and "3 variants" in status
+    _, no_aois, _ = handlers.compare(files[:2], [], "turbo", 0.6)
+    assert "No areas of interest yet" in no_aois
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match=r"Add two to four variants of the design to compare \(1 given\)"):
+        handlers.compare(files[:1], boxes, "turbo", 0.6)
+
+
 def test_batch_gives_a_gallery_and_one_zip_of_maps(handlers, tmp_path):
     sizes = [(40, 50), (61, 33)]
     files = []
@@ -394,33 +498,6 @@ def blobs(h: int = 120, w: int = 160) -> np.ndarray:
     return (m / m.max()).astype(np.float32)
 
 
-def test_peak_regions_of_two_blobs():
-    stats = render.attention_stats(blobs(), top_k=3)
-    assert len(stats.regions) == 2  # two hills, so two regions even though three were asked for
-    first, second = stats.regions
-    assert [first.index, second.index] == [1, 2]
-    assert first.peak == pytest.approx((50 / 160, 40 / 120), abs=0.02)
-    assert second.peak == pytest.approx((120 / 160, 80 / 120), abs=0.02)
-    assert first.peak_value == pytest.approx(1.0) and second.peak_value == pytest.approx(0.6, abs=0.02)
-    # Each region is the half-maximum disc of its Gaussian: radius 1.177 sigma.
-    assert first.area == pytest.approx(np.pi * (1.177 * 10) ** 2 / (120 * 160), rel=0.15)
-    # Half-maximum disc of a 2-D Gaussian holds 1 - 2**-1 = 50 % of that Gaussian's mass.
-    mass1, mass2 = 1.0 * 10**2, 0.6 * 15**2
-    assert first.share == pytest.approx(0.5 * mass1 / (mass1 + mass2), rel=0.1)
-    assert second.share == pytest.approx(0.5 * mass2 / (mass1 + mass2), rel=0.1)
-    assert 0.1 < stats.top10_share <= 1
-    assert render.attention_stats(blobs(), top_k=0).regions == ()
-    flat = render.attention_stats(np.ones((50, 50), np.float32), top_k=3)
-    assert flat.top10_share == pytest.approx(0.1, abs=0.01)
-    assert render.attention_stats(np.zeros((20, 20), np.float32)).regions == ()
-
-
-def test_a_bright_speck_is_not_a_region():
-    m = blobs()
-    m[0, -1] = 0.12  # one stray border pixel: a local maximum holding ~0 % of the attention
-    assert len(render.attention_stats(m, top_k=3).regions) == 2
-
-
 def test_blur_keeps_size_and_peak_and_outlines_are_drawn():
     m = blobs()
     blurred = render.blur(m, 0.05)
@@ -435,6 +512,31 @@ def test_blur_keeps_size_and_peak_and_outlines_are_drawn():
     ys, xs = np.nonzero(changed)  # every drawn pixel is near one of the two blobs
     near = np.minimum(np.hypot(ys - 40, xs - 50), np.hypot(ys - 80, xs - 120))
     assert near.max() < 35
+
+
+def test_focus_view_order_aois_and_one_colour_scale_are_drawn():
+    from hub.analysis import Box, aoi_shares, focus_mask, viewing_order
+
+    m = blobs()
+    image = np.full((120, 160, 3), 200, np.uint8)
+    fog = render.render_focus(image, m, 0.5)
+    inside = focus_mask(m, 0.5)
+    far = m < 0.02
+    assert fog.shape == image.shape
+    assert fog[far].mean() < 80 and fog[inside].mean() > 150  # dimmed outside, the photo (and outline) inside
+    order = viewing_order(m, 3)
+    drawn = render.render_viewing_order(image, order)
+    x, y = round(order[0].x * 160), round(order[0].y * 120)
+    assert tuple(drawn[y, x]) != tuple(drawn[5, 80])  # a badge on the first place, the photo dimmed elsewhere
+    assert drawn[5, 80].mean() < 200
+    boxes = [Box("logo", 0.1, 0.1, 0.5, 0.5)]
+    tagged = render.draw_aois(image, boxes, aoi_shares(m, boxes))
+    changed = np.any(tagged != image, axis=2)
+    assert changed[12:60, 16].any() and not changed[100:, 100:].any()  # the box's edge, nothing far from it
+    flat, peaked = render.common_scale([np.ones((10, 10)), np.pad(np.ones((5, 5)), 5)[:10, :10] + 1e-3])
+    assert peaked.max() == pytest.approx(1.0) and flat.max() < 0.5  # equal colours, equal density
+    page = render.render_report("t", [render.ReportPanel("a", image), render.ReportPanel("b", fog)], [["h1", "h2"], ["x", "1"]], ["note"])
+    assert page.shape[1] == 1600 and page.dtype == np.uint8
 
 
 def test_display_values_from_the_page_are_clamped():

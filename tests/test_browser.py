@@ -110,6 +110,73 @@ def test_drop_adjust_opacity_and_download(browser, app, tmp_path):
     page.close()
 
 
+def draw_box(page, label: str, frm: tuple[float, float], to: tuple[float, float]) -> None:
+    """Drag a rectangle on the AOI editor's canvas (corners as fractions of it) and name it."""
+    canvas = page.locator("#aoi-editor canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + box["width"] * frm[0], box["y"] + box["height"] * frm[1]
+    x1, y1 = box["x"] + box["width"] * to[0], box["y"] + box["height"] * to[1]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+    name = page.locator("#model-box-edit input").first  # the editor asks for the box's label
+    name.wait_for(timeout=TIMEOUT_MS)
+    name.fill(label)
+    name.press("Enter")
+    if page.locator("#model-box-edit").is_visible():
+        page.locator("#model-box-edit button", has_text="OK").click()
+
+
+def test_draw_an_aoi_then_compare_and_download_the_report(browser, app, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(app.url)
+    Image.fromarray(test_image()).save(tmp_path / "poster.jpg", quality=92)
+    drop(page, tmp_path / "poster.jpg", "image/jpeg")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('inference')", timeout=TIMEOUT_MS)
+    page.locator("#focus img").wait_for(timeout=TIMEOUT_MS)  # the focus map is shown without asking
+
+    draw_box(page, "logo", (0.5, 0.2), (0.8, 0.6))
+    page.wait_for_function("() => document.querySelector('#aoi-table').innerText.includes('logo')", timeout=TIMEOUT_MS)
+    row = page.inner_text("#aoi-table")
+    assert "%" in row and "×" in row
+    page.screenshot(path=tmp_path / "desktop-aoi.png", full_page=True)
+
+    page.wait_for_selector("#download-csv:not([disabled])", timeout=TIMEOUT_MS)
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.click("#download-csv")
+    text = Path(info.value.path()).read_text(encoding="utf-8-sig")
+    assert text.startswith("image,aoi,attention_share") and "poster.jpg,logo," in text
+    page.wait_for_selector("#download-report:not([disabled])", timeout=TIMEOUT_MS)
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.click("#download-report")
+    assert info.value.suggested_filename == "poster_report.png"
+    with Image.open(info.value.path()) as report:
+        report.load()  # it opens and decodes
+        assert report.mode == "RGB" and report.width == 1600
+
+    page.get_by_role("tab", name="Viewing order").click()
+    page.locator("#order img").wait_for(timeout=TIMEOUT_MS)
+    assert "not a scanpath model" in page.inner_text("#analysis-views")
+
+    page.get_by_role("tab", name="Compare").click()
+    Image.fromarray(test_image()[:, ::-1]).save(tmp_path / "poster-b.jpg", quality=92)
+    page.locator("#compare-input input[type=file]").set_input_files([tmp_path / "poster.jpg", tmp_path / "poster-b.jpg"])
+    page.wait_for_timeout(500)
+    page.click("#compare-go")
+    page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('Larger share')", timeout=TIMEOUT_MS)
+    table = page.inner_text("#compare-table")
+    assert "logo" in table and "poster-b.jpg" in table
+    assert page.locator("#compare-gallery img").count() >= 2
+    page.screenshot(path=tmp_path / "desktop-compare.png", full_page=True)
+    assert errors == []
+    page.close()
+
+
 def test_phone_width_example_and_before_after(browser, app, tmp_path):
     page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True)
     page.goto(app.url)
@@ -129,6 +196,13 @@ def test_phone_width_example_and_before_after(browser, app, tmp_path):
     page.locator("#before-after img").first.wait_for(timeout=TIMEOUT_MS)
     assert page.locator("#before-after img").count() >= 2
     page.screenshot(path=tmp_path / "phone-before-after.png", full_page=False)
+    # The analysis views and the AOI editor fit the phone's width too.
+    for selector in ("#analysis-views", "#aoi-editor", "#aoi-table"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-go").wait_for(timeout=TIMEOUT_MS)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.close()
 
 

@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as predict(): auto is bf16 or fp16 where native, else fp32")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives of AUC-Borji and sAUC")
+    p.add_argument("--aoi", action="store_true", help="score predicted AOI shares against real fixation shares instead "
+                   "(boxes around each predicted peak region and a 3x3 grid, beside the centre prior; train/aoi.py)")
     return p
 
 
@@ -297,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise DataError(f"{len(bad)} images have neither a map nor fixations (e.g. {bad[:3]}); add maps/<id>.png.")
         model = SaliencyUNet.from_pretrained(args.model, revision=args.revision).to(pick_device(args.device))
+        if args.aoi:
+            from train.aoi import run_cli
+
+            return run_cli(model, samples, args)
         report = evaluate_model(model, samples, train_samples, args.baseline, args.batch_size, args.save_maps, args.map_format, args.seed,
                                 progress=True, precision=args.precision)
     except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
