@@ -17,7 +17,7 @@ download() { "$py" -m pip download -q --no-deps --only-binary=:all: --python-ver
 # Pins: requirements.txt and the versions it resolves to here; the image already has the rest (KINDS.md).
 pin() { "$py" -c "import importlib.metadata as m, sys; print(*[f'{n}=={m.version(n)}' for n in sys.argv[1:]])" "$@"; }
 download .whl $(pin albumentations albucore pydantic pydantic_core annotated-types typing-inspection simsimd stringzilla huggingface_hub)
-download .whl-app $(pin gradio gradio_client hf-gradio fastapi starlette uvicorn orjson pydub python-multipart safehttpx \
+download .whl-app $(pin gradio gradio_client gradio_image_annotation hf-gradio fastapi starlette uvicorn orjson pydub python-multipart safehttpx \
     semantic-version tomlkit groovy brotli httpx2 httpcore2 opentelemetry-api pytz tzdata truststore)
 rm -rf .gpu-data && mkdir -p .gpu-data && cp -r ../shared/data/nus_scene .gpu-data/
 du -sh .whl .whl-app .gpu-data
