@@ -213,8 +213,8 @@ def _decode(job: Job) -> tuple[Job, np.ndarray | None, str | None, float]:
     start = time.perf_counter()
     try:
         image = load_image(job.source)
-    except (ValueError, OSError) as err:  # unreadable, truncated, not an image, vanished
-        return job, None, str(err), 0.0
+    except Exception as err:  # unreadable, truncated, not an image, vanished, a decompression bomb: skip, go on
+        return job, None, str(err) or type(err).__name__, 0.0
     return job, image, None, time.perf_counter() - start
 
 
