@@ -380,6 +380,10 @@ def main(args: Any) -> int:
             print(f"interrupted; the maps written so far are complete: run the same command with --skip-existing "
                   f"to continue ({out}).", file=sys.stderr)  # fmt: skip
             return 130
+        except OSError as err:  # a full disk, a read-only folder: the outputs cannot be written
+            print(f"error: could not write the outputs in {out} ({err}); free space or pick another --out, "
+                  "then rerun with --skip-existing.", file=sys.stderr)  # fmt: skip
+            return 1
         failures, written, skipped = result.failures, result.written, result.skipped
         if world > 1:
             gathered: list[Any] = [None] * world

@@ -18,7 +18,7 @@ from PIL import Image
 
 from hub import SaliencyConfig, SaliencyUNet
 from hub.__main__ import main as hub_main
-from hub.batch import InputError, collect_inputs, peak_and_top_share, run_batch
+from hub.batch import InputError, Job, collect_inputs, merge_summary, peak_and_top_share, run_batch
 from hub.publish import export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +222,20 @@ def test_torchrun_splits_the_images_across_two_processes(model_dir, tmp_path):
     assert sorted(r["map"] for r in read_summary(out)) == [f"{i}.png" for i in range(7)]
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i}.png" for i in range(7)]
     assert not list(out.glob(".*"))
+
+
+def test_summary_merge_keeps_whole_rows_of_existing_maps(tmp_path):
+    """Rows of an earlier summary and of part files, one cut by a kill and glued to the next row."""
+    jobs = [Job(tmp_path / f"{c}.jpg", c) for c in "abcd"]
+    for c in "abc":
+        (tmp_path / f"{c}.png").write_bytes(b"map")  # d has no map: no row
+    (tmp_path / "summary.csv").write_text(
+        "image,map,width,height,peak_x,peak_y,top10_share,seconds\nold-a,a.png,1,1,0,0,0.5,1\nold-b,b.png,1,1,0,0,0.5,1\n")
+    (tmp_path / ".summary.part0.csv").write_text("new-b,b.png,2,2,1,1,0.6,2\nnew-c,c.pn" + "new-d,d.png,2,2,1,1,0.6,2\n")
+    (tmp_path / ".summary.part1.csv").write_text("new-c,c.png,3,3,1,1,0.7,3\nnew-d,d.png,3,3,1,1,0.7,3\n")
+    os.utime(tmp_path / ".summary.part1.csv", ns=(time.time_ns() + 10**9,) * 2)  # the newer part file
+    assert merge_summary(tmp_path, jobs, "png16", keep_previous=True) == 3
+    assert [(r["image"], r["map"]) for r in read_summary(tmp_path)] == [("old-a", "a.png"), ("new-b", "b.png"), ("new-c", "c.png")]
+    assert not list(tmp_path.glob(".summary*"))
+    merge_summary(tmp_path, jobs, "png16", keep_previous=False)  # a fresh run forgets the earlier rows
+    assert read_summary(tmp_path) == []
