@@ -152,3 +152,14 @@ def test_card_snippet_runs_verbatim_in_a_fresh_venv(fresh_venv, hub_server, hub_
     assert not any(Path(p).resolve() == ROOT for p in out["path"] if p)
     assert out["shape"] == [90, 120] and out["max"] == pytest.approx(1.0)
     assert Image.open(work / "overlay.png").size == (120, 90)
+
+    # The card's batch command, as printed, in the same fresh environment.
+    (line,) = [x for x in re.findall(r"```bash\n(.*?)```", card, re.S) if "-m hub predict" in x]
+    argv = line.split()
+    assert argv[:4] == ["python", "-m", "hub", "predict"] and hub_repo_id in argv
+    (work / "photos" / "trip").mkdir(parents=True)
+    shutil.copy(work / "photo.jpg", work / "photos" / "trip" / "beach.jpg")
+    done = subprocess.run([fresh_venv / "bin" / "python", *argv[1:]], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (work / "maps" / "trip" / "beach.png").is_file() and (work / "maps" / "trip" / "beach.overlay.jpg").is_file()
+    assert (work / "maps" / "summary.csv").read_text().count("beach") == 2  # image and map columns of its one row
