@@ -1,6 +1,7 @@
 """`python -m hub push DIR REPO_ID ...`: publish an exported model folder.
 `python -m hub space SPACE_ID --model REPO_ID ...`: deploy the demo as a Gradio Space.
-`python -m hub export-onnx DIR [--out FILE] ...`: write DIR/model.onnx, checked against PyTorch."""
+`python -m hub export-onnx DIR [--out FILE] ...`: write DIR/model.onnx, checked against PyTorch.
+`python -m hub predict INPUT... --model DIR_OR_REPO_ID --out DIR`: maps for files, folders and globs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from huggingface_hub import SpaceHardware
 
 from hub.cli import setup_logging
 from hub.config import parse_size
+from hub.preprocess import COLORMAPS
 from hub.publish import PublishError, push, push_space
 
 
@@ -37,7 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--size", default=None, type=_size, help="input HxW (default: the model's input_size)")
     o.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
     o.add_argument("--dynamic", action="store_true", help="free batch, height and width (multiples of 32)")
+    b = sub.add_parser("predict", help="saliency maps for image files, folders and globs (torchrun splits them across processes)",
+                       description=batch_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns (quote them: 'photos/*.jpg')")
+    b.add_argument("--model", required=True, help="folder written by save_pretrained / `python -m train`, or a Hub repo id")
+    b.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    b.add_argument("--out", required=True, help="output folder (created); maps keep the inputs' relative paths")
+    b.add_argument("--recursive", action="store_true", help="include images in subfolders of INPUT folders (and ** in globs)")
+    b.add_argument("--format", choices=("png16", "npy"), default="png16", help="16-bit greyscale PNG (default) or float32 .npy")
+    b.add_argument("--overlay", action="store_true", help="also write NAME.overlay.jpg: the map as a heatmap over the image")
+    b.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS), help="colormap of the overlays (default jet)")
+    b.add_argument("--alpha", type=float, default=0.6, help="heatmap opacity of the overlays in [0, 1] (default 0.6)")
+    b.add_argument("--skip-existing", action="store_true", help="skip images whose outputs exist: continue an interrupted run")
+    b.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    b.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model (default 2)")
+    b.add_argument("--device", default="auto", help="auto (CUDA when present; under torchrun cuda:LOCAL_RANK), cpu or cuda")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def batch_doc() -> str:
+    from hub import batch
+
+    return batch.__doc__ or ""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -50,6 +74,10 @@ def _size(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     setup_logging("hub")
     args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        from hub.batch import main as predict_main
+
+        return predict_main(args)
     try:
         if args.command == "push":
             url = push(

@@ -14,6 +14,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hub.config import SaliencyConfig
 
 REPO_PLACEHOLDER = "YOUR_NAMESPACE/saliency-unet"
+# Where the code lives: the card's install line and torch.hub line point here. Equal to
+# pyproject.toml's [project.urls] Source (tests/test_packaging.py checks it).
+SOURCE_URL = "https://github.com/YOUR_GITHUB_NAMESPACE/saliency-unet"
+DOCS_URL = SOURCE_URL + "#use-the-model-from-code"
+DISTRIBUTION = "saliency-unet"  # the pip name; the import name is `hub`
 METRIC_NAMES = {
     "cc": "CC",
     "kld": "KLD",
@@ -23,6 +28,11 @@ METRIC_NAMES = {
     "auc_borji": "AUC-Borji",
     "sauc": "sAUC",
     "info_gain": "IG",
+}
+# Rows of the baselines `python -m train.evaluate` scores on the same images.
+BASELINE_NAMES = {
+    "center": "centre prior (a Gaussian at the image centre)",
+    "mean": "mean ground-truth map of the training images",
 }
 # Higher is better for all but KLD; the card says so next to the table.
 LOWER_IS_BETTER = {"kld"}
@@ -53,10 +63,17 @@ from a U-Net with a {{ config.backbone }} encoder fine-tuned on human eye-tracki
 
 ## Usage
 
+The code is at {{ source_url }}. It installs as the distribution `{{ distribution }}`, whose Python
+package is named `hub`, with only what inference needs (torch, torchvision, huggingface_hub,
+safetensors, numpy, pillow, opencv-python-headless, tqdm):
+
 ```bash
-# The `hub` package of this project (model code, preprocessing) and its dependencies:
-pip install torch torchvision huggingface_hub safetensors pillow opencv-python-headless
+pip install "{{ distribution }} @ git+{{ source_url }}"
 ```
+
+Do not `pip install hub`: that is an unrelated PyPI package (Activeloop's old Deep Lake client)
+with the same import name, and the two cannot live in the same environment (`pip uninstall hub`
+first if you have it).
 
 ```python
 from PIL import Image
@@ -68,6 +85,25 @@ saliency = model.predict("photo.jpg")   # float32 H x W in [0, 1], peak 1, origi
 Image.fromarray(overlay("photo.jpg", saliency, colormap="jet", alpha=0.6)).save("overlay.png")
 ```
 
+A whole folder (16-bit PNG maps, overlays, and a `summary.csv` with each image's peak and the
+share of attention in its top 10 % of pixels; `torchrun --nproc_per_node N -m hub predict ...`
+splits the images across GPUs), or through torch.hub:
+
+```bash
+python -m hub predict photos/ --recursive --model {{ repo_id }} --out maps/ --overlay
+```
+
+```python
+import torch
+model = torch.hub.load("{{ github_repo }}", "saliency_unet", repo_id="{{ repo_id }}")
+```
+
+{% if example -%}
+![This model's fixation density map over {{ example_source }}]({{ example }})
+
+*This model's map of {{ example_source }}, drawn over the photo (`{{ example }}` in this repo).*
+
+{% endif -%}
 `predict` takes a path, a `PIL.Image` or an H x W x 3 uint8 RGB array (grey, RGBA, palette,
 16-bit and CMYK images are converted; EXIF orientation is applied), or a list of them (batched).
 {% if config.keep_aspect -%}
@@ -94,6 +130,13 @@ ImageNet mean/std normalisation happens inside the model, so a raw forward pass 
 - {{ "{:,}".format(num_parameters) }} parameters; any input size works (padded to a multiple of 32 and cropped back).
 
 ## Training
+{% if command %}
+The command that trained these weights:
+
+```bash
+{{ command }}
+```
+{% endif %}
 {% if training %}
 {% if training.data %}- Data: {{ training.data }}{% endif %}
 {% for key, value in training.items() if key != "data" %}
@@ -112,7 +155,7 @@ better; all others: higher is better). Baselines are computed on the same images
 | model | {% for m in metric_keys %}{{ metric_names[m] }} | {% endfor %}
 |---|{% for m in metric_keys %}---|{% endfor %}
 | **this model** | {% for m in metric_keys %}{{ "%.4f" | format(evaluation.metrics[m]) }} | {% endfor %}
-{% for name, scores in (evaluation.baselines or {}).items() %}| {{ name }} baseline | {% for m in metric_keys %}{{ "%.4f" | format(scores[m]) if m in scores else "" }} | {% endfor %}
+{% for name, scores in (evaluation.baselines or {}).items() %}| {{ baseline_names.get(name, name + " baseline") }} | {% for m in metric_keys %}{{ "%.4f" | format(scores[m]) if m in scores else "" }} | {% endfor %}
 {% endfor %}
 {% else %}
 No evaluation results were recorded with these weights.
@@ -126,6 +169,14 @@ No evaluation results were recorded with these weights.
 - **Dataset bias.** Free-viewing of natural photos by small groups of adults in a lab (or by
   mouse-contingent crowd data for SALICON). Maps for web pages, charts, video frames, medical
   images or task-driven viewing may be wrong.
+{%- if training and training.backbone_init in ("none", None) %}
+- **No ImageNet pretraining.** This model's encoder started from random weights, so it has
+  seen only its eye-tracking images: it knows little of objects, faces and text, and its maps
+  lean more on layout, contrast and the centre than a pretrained encoder's would. In crowds,
+  for example, the heat lies on the band of heads rather than on the single faces observers fixate.
+{%- endif %}
+- **Free viewing of photos only.** No task, no video (no motion, no temporal context), no
+  sequences of fixations: a map says where gaze lands, not in what order.
 - Maps are relative: `predict` scales each to a peak of 1, so values are comparable within an
   image, not across images.
 
@@ -165,6 +216,10 @@ def build_card(
     evaluation: dict[str, Any] | None = None,
     datasets: list[str] | None = None,
     title: str = "Saliency U-Net",
+    command: str | None = None,
+    example: str | None = None,
+    example_source: str | None = None,
+    repo_url: str | None = None,
     **_: Any,
 ) -> ModelCard:
     """Render the model card.
@@ -173,7 +228,15 @@ def build_card(
     evaluation: the JSON of `python -m train.evaluate`: {"dataset": {"name", "split"},
         "n_images", "metrics": {name: value}, "baselines": {name: {metric: value}}}.
     datasets: dataset keys for citations and metadata ("salicon", "nus_scene", ...).
+    command: the exact command line that trained the weights (also read from training["command"]).
+    example: file name, in the model folder, of an example overlay picture (written by
+        `hub.publish.export`); example_source says what the photo is.
+    repo_url: where the code lives (default `SOURCE_URL`); the install line points there.
     """
+    training = dict(training) if training else None
+    if training and command is None:
+        command = training.pop("command", None)
+    source_url = (repo_url or SOURCE_URL).rstrip("/")
     datasets = list(datasets or [])
     if evaluation and evaluation.get("dataset", {}).get("name") in CITATIONS:
         datasets.append(evaluation["dataset"]["name"])
@@ -203,4 +266,11 @@ def build_card(
         metric_names=METRIC_NAMES,
         citations=[k for k in datasets if k in CITATIONS] + ["metrics"],
         citation_text=CITATIONS,
+        baseline_names=BASELINE_NAMES,
+        command=command,
+        example=example,
+        example_source=example_source or example,
+        source_url=source_url,
+        distribution=DISTRIBUTION,
+        github_repo="/".join(source_url.split("/")[-2:]),
     )

@@ -30,7 +30,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from torch import nn
 
-from hub.card import build_card
+from hub.card import DOCS_URL, SOURCE_URL, build_card
 from hub.config import STAGES, SaliencyConfig
 from hub.preprocess import ImageInput, images_to_tensor, load_image, model_input_size, tensor_to_maps
 
@@ -134,6 +134,8 @@ class SaliencyUNet(
     license="apache-2.0",
     pipeline_tag="image-to-image",
     tags=["saliency-prediction", "visual-saliency", "eye-tracking", "fixation-prediction"],
+    repo_url=SOURCE_URL,
+    docs_url=DOCS_URL,
 ):
     """Predicts where people look: B x 3 x H x W RGB in [0, 1] -> B x 1 x H x W map in [0, 1].
 
@@ -324,6 +326,7 @@ class SaliencyUNet(
     # -- Hub IO -----------------------------------------------------------------------------------
     def generate_model_card(self, *args: Any, **kwargs: Any):  # noqa: ANN201 (ModelCard)
         """The model card written by `save_pretrained`; kwargs come from `model_card_kwargs`."""
+        kwargs.setdefault("repo_url", self._hub_mixin_info.repo_url)
         return build_card(self.config, num_parameters=sum(p.numel() for p in self.parameters()), **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from hub.publish import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +82,18 @@ def export_onnx(
         # H = 32 * k keeps forward's pad-to-32 branch statically "no padding" for every size.
         dynamic_shapes = {"x": {0: Dim("batch", min=1, max=1024), 2: 32 * Dim("h32", min=1, max=256),
                                 3: 32 * Dim("w32", min=1, max=256)}}  # fmt: skip
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    shapes = [(1, 3, *size)]
+    if dynamic:
+        shapes.append((2, 3, size[0] + 32, size[1] - 32 if size[1] > 32 else size[1] + 64))
+    diffs: list[float] = []
+
+    def write_and_check(tmp: Path) -> None:
         with torch.no_grad():
             torch.onnx.export(
                 model, (example,), str(tmp), input_names=["image"], output_names=["saliency"],
                 opset_version=opset, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes,
             )  # fmt: skip
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        shapes = [(1, 3, *size)]
-        if dynamic:
-            shapes.append((2, 3, size[0] + 32, size[1] - 32 if size[1] > 32 else size[1] + 64))
-        diff = 0.0
         for i, shape in enumerate(shapes):
             x = _test_image(shape[0], shape[2:], seed=i + 1)
             with torch.no_grad():
@@ -104,18 +103,15 @@ def export_onnx(
                 raise OnnxExportError(
                     f"onnxruntime returned shape {got.shape} for input {shape}, PyTorch {expected.shape}."
                 )
-            diff = max(diff, float(np.abs(got - expected).max()))
-        if not diff <= TOLERANCE:
+            diffs.append(float(np.abs(got - expected).max()))
+        if not max(diffs) <= TOLERANCE:
             raise OnnxExportError(
-                f"the ONNX model differs from PyTorch by up to {diff:.3g} (tolerance {TOLERANCE}); "
+                f"the ONNX model differs from PyTorch by up to {max(diffs):.3g} (tolerance {TOLERANCE}); "
                 f"try another --opset (now {opset}) and report the torch/onnxruntime versions."
             )
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain write would
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, write_and_check)  # the file appears only once it is written and checked
+    diff = max(diffs)
     log.info("wrote %s (%.1f MB); max |onnxruntime - PyTorch| = %.2g", target, target.stat().st_size / 1e6, diff)
     return OnnxExport(target, size, opset, dynamic, diff, shapes)
 

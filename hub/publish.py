@@ -25,6 +25,12 @@ from hub.card import REPO_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The picture every exported model shows on its card (absent from a pip install: then none is written).
+EXAMPLE_IMAGE = PROJECT_ROOT / "space" / "examples" / "astronaut.jpg"
+EXAMPLE_SOURCE = "a public-domain NASA photo of astronaut Eileen Collins (scikit-image's `astronaut`)"
+EXAMPLE_NAME = "example.png"
+
 REQUIRED_FILES = ("model.safetensors", "config.json")
 # Training outputs that stay local: resumable checkpoints are pickles, and pickles are never published.
 NEVER_PUSHED = ("checkpoints/*", "*.pt", "*.pth", "*.bin", "*.ckpt", ".*", "*/.*", "__pycache__/*")
@@ -32,6 +38,25 @@ NEVER_PUSHED = ("checkpoints/*", "*.pt", "*.pth", "*.bin", "*.ckpt", ".*", "*/.*
 
 class PublishError(RuntimeError):
     """A push that could not happen; the message is one sentence saying what to do."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temp file beside `path`, then rename it to `path`.
+
+    The file appears complete or not at all (rename is atomic within one file system), so a
+    reader, or a later run that skips existing outputs, never sees half a file. The project's
+    one helper for this; `atomic_save` does the same for a whole folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.chmod(0o666 & ~_umask())  # some writers create 0600 files; give the file a plain write's mode
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def atomic_save(save: Callable[..., Any], directory: str | Path, **kwargs: Any) -> Any:
@@ -59,14 +84,40 @@ def _umask() -> int:
     return mask
 
 
-def export(model: Any, directory: str | Path, **card: Any) -> Path:
+def export(model: Any, directory: str | Path, example_image: str | Path | None = EXAMPLE_IMAGE, **card: Any) -> Path:
     """Write `model` as a `from_pretrained`-loadable folder (local, no network).
 
-    card: keyword arguments for the model card (`repo_id`, `training`, `evaluation`, `datasets`;
-    see `hub.card.build_card`).
+    Besides the weights, config.json and the card, it writes `example.png`: the model's map of
+    `example_image` (default: the demo's public-domain astronaut photo, when this is a checkout;
+    None: no example) as an overlay, which the card shows.
+    card: keyword arguments for the model card (`repo_id`, `training`, `evaluation`, `datasets`,
+    `command`; see `hub.card.build_card`).
     """
+    directory = Path(directory)
+    example = Path(example_image) if example_image is not None else None
+    if example is not None and not example.is_file():
+        if example != EXAMPLE_IMAGE:
+            raise FileNotFoundError(f"example image {example} does not exist; pass an image file or example_image=None.")
+        example = None  # installed without the demo's examples: no picture
+    if example is not None:
+        card.update(example=EXAMPLE_NAME, example_source=EXAMPLE_SOURCE if example == EXAMPLE_IMAGE else example.name)
     model.save_pretrained(directory, model_card_kwargs=card)
-    return Path(directory)
+    if example is not None:
+        write_example(model, example, directory / EXAMPLE_NAME)
+    return directory
+
+
+def write_example(model: Any, image: Path, target: Path) -> Path:
+    """The model's map of `image` as a heatmap overlay (PNG), via `predict` like every user."""
+    from PIL import Image
+
+    from hub.preprocess import overlay
+
+    had_engine = "_engine_cache" in model.__dict__
+    picture = overlay(image, model.predict(image), colormap="jet", alpha=0.6)
+    if not had_engine:  # a training run exports often; don't keep an inference copy of its model alive
+        model.__dict__.pop("_engine_cache", None)
+    return atomic_write(target, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
 
 
 def files_to_push(directory: Path) -> list[Path]:
@@ -184,7 +235,6 @@ SPACE_README = "space/README.md"
 # Folders the Space's copy of the project owns: files there that are no longer ours get deleted.
 SPACE_MANAGED = ("hub/", "space/")
 SPACE_PLACEHOLDER = "YOUR_NAMESPACE/saliency-demo"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def space_files(root: str | Path = PROJECT_ROOT) -> list[str]:

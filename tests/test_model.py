@@ -6,6 +6,7 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from hub import SaliencyConfig, SaliencyUNet
@@ -102,7 +103,8 @@ def test_bad_config_values_are_named():
 
 def test_save_load_round_trip_is_identical(model, tmp_path):
     export(model, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json", "README.md", "example.png"}
+    assert "](example.png)" in (tmp_path / "README.md").read_text()  # the card shows the overlay export wrote
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["backbone_weights"] is None  # reloading never fetches ImageNet weights
     assert config["input_size"] == [64, 64]
@@ -118,7 +120,7 @@ def test_save_overwrites_the_card_and_leaves_no_temp_files(model, tmp_path):
     export(model, tmp_path)
     export(model, tmp_path, training={"epochs": 3})
     assert "`epochs`: `3`" in (tmp_path / "README.md").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "example.png", "model.safetensors"]
 
 
 def test_missing_tensor_fails_loudly(model, tmp_path):
@@ -187,3 +189,21 @@ def test_imagenet_weights_offline_say_what_to_do(monkeypatch):
     monkeypatch.setattr(torchvision.models, "get_model", offline)
     with pytest.raises(RuntimeError, match="backbone_weights=None"):
         SaliencyUNet(backbone_weights="imagenet")
+
+
+def test_card_tells_the_command_the_centre_prior_and_the_limitations(model, tmp_path):
+    evaluation = {"dataset": {"name": "nus_scene", "split": "val"}, "n_images": 5,
+                  "metrics": {"cc": 0.61, "kld": 0.70}, "baselines": {"center": {"cc": 0.45, "kld": 0.95}}}  # fmt: skip
+    training = {"backbone_init": "none", "command": "python -m train --data D --out O --epochs 4"}
+    export(model.train(), tmp_path / "a", example_image=None, training=training, evaluation=evaluation)
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "```bash\npython -m train --data D --out O --epochs 4\n```" in card
+    assert "| centre prior (a Gaussian at the image centre) | 0.4500 | 0.9500 |" in card
+    assert "No ImageNet pretraining" in card and "`command`" not in card
+    assert not (tmp_path / "a" / "example.png").exists() and "example.png" not in card
+    assert model.training  # writing the example below leaves the model as it was, with no inference copy kept
+    export(model, tmp_path / "b")
+    assert model.training and "_engine_cache" not in model.__dict__
+    assert Image.open(tmp_path / "b" / "example.png").size == (512, 512)
+    with pytest.raises(FileNotFoundError, match="missing.jpg does not exist"):
+        export(model, tmp_path / "c", example_image=tmp_path / "missing.jpg")

@@ -38,7 +38,7 @@ def test_push_then_from_pretrained_by_repo_id(exported, hub_server, hub_repo_id)
     assert hub_repo_id in url
     assert snapshot(exported) == before  # the local folder is never modified
     files = hub_server.repo(hub_repo_id).files()
-    assert set(files) - {".gitattributes"} == {"model.safetensors", "config.json", "README.md"}  # no pickle
+    assert set(files) - {".gitattributes"} == {"model.safetensors", "config.json", "README.md", "example.png"}  # no pickle
     card = files["README.md"].decode()
     assert f'from_pretrained("{hub_repo_id}")' in card and "model-index" in card
     loaded = SaliencyUNet.from_pretrained(hub_repo_id)
