@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from hub.preprocess import resize_map
 
@@ -94,6 +93,22 @@ def work_copy(saliency: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     return resize_map(saliency, size)
 
 
+def _top_share(density: np.ndarray, fraction: float) -> float:
+    k = max(1, round(density.size * fraction))
+    return float(np.partition(density, density.size - k, axis=None)[-k:].sum() / density.sum())
+
+
+def top_share(saliency: np.ndarray, fraction: float = 0.1) -> float:
+    """Share of all attention (the map normalised to sum 1) in its `fraction` most salient pixels,
+    on the <= 256 px work copy: 1.0 when all attention is there, `fraction` when it is spread
+    evenly, 0.0 for an empty map. `attention_stats(...).top10_share` is `top_share(map, 0.1)`."""
+    small = work_copy(saliency).astype(np.float64)
+    total = float(small.sum())
+    if total <= 0 or not np.isfinite(total):
+        return 0.0
+    return _top_share(small, fraction)
+
+
 def attention_stats(saliency: np.ndarray, top_k: int = 3) -> AttentionStats:
     """Top-k peak regions of a map and the share of attention each holds.
 
@@ -102,13 +117,16 @@ def attention_stats(saliency: np.ndarray, top_k: int = 3) -> AttentionStats:
     peak whose region would overlap a stronger peak's is part of the same hill and is skipped,
     so regions never overlap and their shares add up.
     """
+    # scipy comes with the demo and training extras; the pip package's core (top_share, AOI shares,
+    # viewing order, `python -m hub predict`) does not need it.
+    from scipy import ndimage
+
     small = work_copy(saliency).astype(np.float64)
     total = float(small.sum())
     if total <= 0 or not np.isfinite(total):
         return AttentionStats(regions=(), top10_share=0.0)
     density = small / total
-    flat = np.sort(density, axis=None)[::-1]
-    top10 = float(flat[: max(1, round(flat.size * 0.1))].sum())
+    top10 = _top_share(density, 0.1)
     if top_k <= 0:
         return AttentionStats(regions=(), top10_share=top10)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import glob
 import logging
-import math
 import os
 import sys
 import time
@@ -32,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.preprocess import COLORMAPS, load_image, map_to_image, overlay, resize_map
+from hub.analysis import top_share
+from hub.preprocess import COLORMAPS, load_image, map_to_image, overlay
 from hub.publish import atomic_write
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ SUMMARY = "summary.csv"
 COLUMNS = ("image", "map", "width", "height", "peak_x", "peak_y", "top10_share", "seconds")
 # The attention statistics run on a copy whose longer side is at most this, as the demo's do
 # (space/render.py), so the figures do not depend on the image's resolution.
-STATS_SIDE = 256
 
 
 class InputError(ValueError):
@@ -71,21 +70,10 @@ class BatchResult:
 
 def peak_and_top_share(saliency: np.ndarray, fraction: float = 0.1) -> tuple[int, int, float]:
     """(peak x, peak y, share) of an H x W map: the pixel of the maximum (first in row order) and
-    the share of all attention (the map normalised to sum 1) in its `fraction` most salient pixels.
-
-    share is 1.0 when all attention is there and `fraction` when it is spread evenly; it is
-    computed like the demo's `top10_share` (on a copy of at most 256 px a side), 0.0 for an empty map.
-    """
-    h, w = saliency.shape
-    y, x = divmod(int(np.argmax(saliency)), w)
-    scale = min(1.0, STATS_SIDE / max(h, w))
-    small = resize_map(saliency, (max(1, round(h * scale)), max(1, round(w * scale)))).astype(np.float64)
-    total = float(small.sum())
-    if total <= 0 or not math.isfinite(total):
-        return x, y, 0.0
-    k = max(1, round(small.size * fraction))
-    top = np.partition(small, small.size - k, axis=None)[-k:]
-    return x, y, float(top.sum() / total)
+    `hub.analysis.top_share`, the share of all attention in its `fraction` most salient pixels
+    (the demo's `top10_share`)."""
+    y, x = divmod(int(np.argmax(saliency)), saliency.shape[1])
+    return x, y, top_share(saliency, fraction)
 
 
 # -- inputs ---------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ stood in for on the CPU: gloo processes, mocked CUDA calls that record or refuse
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -141,9 +143,16 @@ def test_auto_training_precision_is_what_the_device_does_natively(tiny_data, tmp
     import hub.runtime as rt
 
     monkeypatch.setattr(rt, "native_bf16", lambda device: False)
+    caplog.set_level(logging.INFO, logger="train")
     run(tiny_config(tiny_data, tmp_path / "auto", epochs=1, precision="auto"))
     assert json.loads((tmp_path / "auto" / "train_config.json").read_text())["runs_on"]["precision"] == "fp32"
     assert "precision: fp32 on cpu" in caplog.text
+    # The card carries the command that trained the weights, and it parses back to the same run.
+    card = (tmp_path / "auto" / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("python -m train "))
+    again = TrainConfig(**vars(loop.build_parser().parse_args(shlex.split(command)[3:])))
+    again.resolve()
+    assert loop.schedule_changes(json.loads((tmp_path / "auto" / "train_config.json").read_text()), again) == []
 
 
 # -- resume ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -138,6 +139,21 @@ class TrainConfig:
             return float(self.encoder_lr_mult)
         except ValueError:
             raise ValueError(f"--encoder-lr-mult {self.encoder_lr_mult!r} must be 'auto' or a number, e.g. 0.1.") from None
+
+    def command(self) -> str:
+        """The `python -m train` command line of this run: --data, --out and every flag not at its default."""
+        defaults = TrainConfig()
+        parts = ["python", "-m", "train", "--data", *map(str, self.data_dirs)]
+        for f in fields(self):
+            if f.name in ("data", "model", "resume", "push_to_hub", "private", "workers", "device") or \
+                    getattr(self, f.name) == getattr(defaults, f.name):
+                continue
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                parts += [flag, str(value)]
+        return shlex.join(parts)
 
     def resolve(self) -> None:
         """Replace the "auto" training flags by their values, so train_config.json and resume checks see them."""
@@ -668,6 +684,7 @@ def export_model(model: SaliencyUNet, cfg: TrainConfig, out: Path, best: dict[st
             "loss": cfg.loss, "optimizer": f"AdamW lr {cfg.lr} (encoder x{cfg.encoder_lr:g}), betas (0.9, 0.99), "
             f"weight decay {cfg.weight_decay}, warm-up + cosine", "batch_size": cfg.batch_size,
             "input_size": cfg.size, "backbone_init": cfg.init_from or cfg.backbone_weights, "frozen": cfg.freeze, "seed": cfg.seed,
+            "command": cfg.command(),
         },
         "evaluation": {"dataset": {"name": cfg.data_name, "split": "val"}, **best["val"]},
         "datasets": [d.resolve().name.lower() for d in cfg.data_dirs],
