@@ -32,6 +32,7 @@ from train.data import (
     find_samples,
     has_splits,
     image_size,
+    other_fixation_map,
     read_fixations,
     read_map,
 )
@@ -92,7 +93,7 @@ class Scorer:
         others = [p for i, p in enumerate(self.points) if i != index and p is not None]
         if not others:
             return None
-        return M.other_fixation_map(others, shape, rng=self.seed + index, max_images=SAUC_OTHER_IMAGES)
+        return other_fixation_map(others, shape, rng=self.seed + index, max_images=SAUC_OTHER_IMAGES)
 
     def score(self, index: int, pred: np.ndarray) -> dict[str, Any]:
         """All metrics of `pred` (any size; resized by the metrics) for sample `index`, with baselines."""
