@@ -455,6 +455,44 @@ def test_torch_errors():
         M.cc_torch(torch.rand(5, 5), torch.rand(5, 5))
 
 
+# Validation's device path: a model-size map resized on the device to the image's original size
+# must score as the numpy metrics score the same model-size map (which resize it with Pillow).
+RESIZES = [((36, 48), (61, 83)), ((36, 48), (480, 640)), ((288, 384), (256, 256)), ((37, 51), (23, 30)),
+           ((48, 64), (48, 64)), ((40, 30), (53, 41))]
+
+
+@pytest.mark.parametrize("src,dst", RESIZES)
+def test_resize_bilinear_torch_matches_pillow(src, dst):
+    pred = smooth_map(src, 5) + np.random.default_rng(1).random(src) * 0.3  # smooth plus pixel noise
+    want = M.resize_bilinear(pred, dst)
+    got = M.resize_bilinear_torch(torch.tensor(pred, dtype=torch.float32)[None, None], dst)
+    assert got.shape == (1, *dst)
+    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-4 * pred.max())
+
+
+@pytest.mark.parametrize("src,dst", RESIZES)
+def test_batched_torch_metrics_at_original_resolution_match_numpy(src, dst):
+    """Random and analytic cases, float32 on the device path vs float64 numpy, within 1e-4."""
+    rng = np.random.default_rng(sum(src + dst))
+    preds = np.stack([smooth_map(src, 70 + i) + rng.random(src) * 0.2 for i in range(3)]).astype(np.float32)
+    gts = [smooth_map(dst, 80 + i) for i in range(3)]
+    fixes = [random_fixations(dst, min(15, dst[0] * dst[1] // 4), 90 + i) for i in range(3)]
+    # Analytic: a flat prediction scores chance (CC, NSS, SIM 0).
+    preds[2] = 0.5
+    resized = M.resize_bilinear_torch(torch.from_numpy(preds), dst)
+    gt_t, fix_t = torch.tensor(np.stack(gts), dtype=torch.float32), torch.tensor(np.stack(fixes) > 0)
+    for tfn, nfn, target in TORCH_PAIRS:
+        got = tfn(resized, gt_t if target == "gt" else fix_t).numpy()
+        want = [nfn(p, t) for p, t in zip(preds, gts if target == "gt" else fixes)]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=nfn.__name__)
+    assert M.cc_torch(resized, gt_t)[2] == 0 and M.nss_torch(resized, fix_t)[2] == 0 and M.sim_torch(resized, gt_t)[2] == 0
+    # Analytic: the ground truth itself (already at the original size) scores CC 1, KLD 0, SIM 1.
+    same = M.resize_bilinear_torch(gt_t, dst)
+    np.testing.assert_allclose(M.cc_torch(same, gt_t).numpy(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(M.kld_torch(same, gt_t).numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(M.sim_torch(same, gt_t).numpy(), 1.0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real eye-tracking data
 # ---------------------------------------------------------------------------------------------

@@ -64,11 +64,20 @@ class Sample:
 # -- reading ---------------------------------------------------------------------------------------
 def read_map(path: Path) -> np.ndarray:
     """A density map of any bit depth -> H x W float32 in [0, 1] (colour maps are averaged)."""
+    return _unpack_map(*_read_map_stored(path))
+
+
+def _read_map_stored(path: Path) -> tuple[np.ndarray, float]:
+    """(H x W grey array as stored, its full-scale value): uint8/uint16 maps stay integers (compact)."""
     with Image.open(path) as img:
         arr = np.asarray(img)
     if arr.ndim == 3:
         arr = arr[:, :, :3].mean(axis=2)
     top = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else max(float(arr.max()), 1.0)
+    return arr, top
+
+
+def _unpack_map(arr: np.ndarray, top: float) -> np.ndarray:
     return (arr.astype(np.float32) / top).clip(0.0, 1.0)
 
 
@@ -242,6 +251,81 @@ def image_sizes(
         with Image.open(Path(image_dir) / f"{i}{suffix}") as im:
             sizes[i] = (im.height, im.width)
     return sizes
+
+
+class GroundTruth:
+    """The evaluation ground truth of a list of samples, read and rasterised once.
+
+    For each sample at its original (H, W): the density map (kept as stored, 8- or 16-bit, so
+    SALICON's 5,000 validation maps hold 1.5 GB, not 6), the fixated pixels as sorted flat
+    indices into H*W, and on first use the sAUC negatives (other images' fixations on this
+    grid). Maps are read on first use of an index or by `load`, then never again: validation
+    reads each file once per run, however many epochs score it.
+    """
+
+    def __init__(self, samples: Sequence[Sample], seed: int = 0, other_images: int = 10, workers: int = 4) -> None:
+        self.samples = list(samples)
+        self.seed, self.other_images, self.workers = seed, other_images, workers
+        self.sizes = [image_size(s.image) for s in self.samples]
+        # (x, y) of fixated pixels with their grid: the sAUC negatives of the other images.
+        self.points: list[PointsWithShape | None] = []
+        self.fixations: list[np.ndarray | None] = []
+        for sample, size in zip(self.samples, self.sizes):
+            if sample.has_fixations:
+                flat = np.flatnonzero(read_fixations(sample, size))
+                rows, cols = np.divmod(flat, size[1])
+                self.points.append((np.stack([cols, rows], 1), size))
+                self.fixations.append(flat)
+            else:
+                self.points.append(None)
+                self.fixations.append(None)
+        self._maps: dict[int, tuple[np.ndarray, float]] = {}
+        self._others: dict[int, np.ndarray | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, indices: Iterable[int] | None = None) -> None:
+        """Read the density maps of `indices` (default: all) that are not in memory yet, in threads."""
+        todo = [i for i in (range(len(self)) if indices is None else indices)
+                if i not in self._maps and self.samples[i].map is not None]
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:  # PNG decoding releases the GIL
+            for i, stored in zip(todo, pool.map(lambda i: _read_map_stored(self.samples[i].map), todo)):
+                self._maps[i] = stored
+
+    def has_map(self, index: int) -> bool:
+        return self.samples[index].map is not None
+
+    def gt_map(self, index: int) -> np.ndarray | None:
+        """(H, W) float32 density map in [0, 1], exactly as `read_map` gives it; None without a map."""
+        if not self.has_map(index):
+            return None
+        if index not in self._maps:
+            self.load([index])
+        return _unpack_map(*self._maps[index])
+
+    def fixation_mask(self, index: int) -> np.ndarray | None:
+        """(H, W) bool map of fixated pixels, as `read_fixations` gives it; None without fixations."""
+        return self._mask(index, self.fixations[index])
+
+    def other_mask(self, index: int) -> np.ndarray | None:
+        """(H, W) bool sAUC negatives: fixations of up to `other_images` other images (seeded by index)."""
+        if index not in self._others:
+            others = [p for i, p in enumerate(self.points) if i != index and p is not None]
+            flat = None
+            if others and self.fixations[index] is not None:
+                grid = other_fixation_map(others, self.sizes[index], rng=self.seed + index, max_images=self.other_images)
+                flat = np.flatnonzero(grid)
+            self._others[index] = flat
+        return self._mask(index, self._others[index])
+
+    def _mask(self, index: int, flat: np.ndarray | None) -> np.ndarray | None:
+        if flat is None:
+            return None
+        h, w = self.sizes[index]
+        out = np.zeros(h * w, dtype=bool)
+        out[flat] = True
+        return out.reshape(h, w)
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -450,6 +534,8 @@ class SaliencyDataset(Dataset):
     in epoch e is seeded by (seed, e, i): identical across runs, resumes and worker counts.
     With `keep_aspect`, (h, w) is each image's own aspect-true model size
     (`hub.preprocess.model_input_size`); `sizes` lists them, for `SizeBatchSampler`.
+    Without `targets` (validation, which scores against a `GroundTruth` read once), items carry
+    empty map and fixation tensors and no map or fixation file is read.
     """
 
     def __init__(
@@ -460,13 +546,14 @@ class SaliencyDataset(Dataset):
         seed: int = 0,
         keep_aspect: bool = False,
         crop_scale: float = 0.6,
+        targets: bool = True,
     ) -> None:
         if not 0.0 < crop_scale <= 1.0:
             raise ValueError(f"--crop-scale {crop_scale} must be in (0, 1]: the smallest area fraction of a random crop.")
         self.samples, self.size, self.seed = samples, tuple(size), seed
         self.sizes = [model_input_size(image_size(s.image), self.size, keep_aspect) for s in samples] if keep_aspect \
             else [self.size] * len(samples)
-        self._augment, self.crop_scale = augment, crop_scale
+        self._augment, self.crop_scale, self.targets = augment, crop_scale, targets
         self._augmentations: dict[tuple[int, int], A.Compose] = {}
         self.epoch = 0
 
@@ -488,6 +575,8 @@ class SaliencyDataset(Dataset):
         image = load_image(sample.image)
         source = image.shape[:2]
         image = resize_image(image, size)
+        if not self.targets:
+            return image_to_tensor(image), torch.zeros(0), torch.zeros(0), index
         gt = resize_map(read_map(sample.map), size) if sample.map is not None else np.zeros(size, np.float32)
         fixated = read_fixations(sample, source) if sample.has_fixations else np.zeros(source, bool)
         rows, cols = np.nonzero(fixated)
