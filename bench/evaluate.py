@@ -12,8 +12,8 @@ not timed). Per 1,000 validation images:
 - before: each epoch as it was, per image: read the map and fixations, rasterise the sAUC
   negatives, build the centre prior, resize the map to 480x640 (`tensor_to_maps`), every metric
   in numpy;
-- full numpy on the prepared ground truth: what `python -m train.evaluate` does now (every
-  metric, MIT-exact), and in threads as the end-of-run validation of the best model does;
+- full numpy on the prepared ground truth: what `python -m train.evaluate` and the end-of-run
+  validation of the best model do now (every metric, MIT-exact);
 - after: the per-epoch path, `Scorer.score_batch` (CC, KLD, NSS, SIM in torch on --device,
   batches of --batch);
 - the baselines, scored once per run either way.
@@ -25,11 +25,9 @@ numpy paths are single-threaded) with the default. Figures, never assertions.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         t_full = timed(lambda: [scorer.score(i, m) for b in batches
                                 for i, m in zip(b, tensor_to_maps(preds[b], [scorer.sizes[i] for i in b]))])
 
-        threads = min(8, os.cpu_count() or 1)  # as `train.loop.evaluate(full=True)` scores a batch
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            t_full_threads = timed(lambda: [list(pool.map(scorer.score, b, tensor_to_maps(preds[b], [scorer.sizes[i] for i in b])))
-                                            for b in batches])
         on_device = preds.to(device)
         t_baselines_epoch = timed(lambda: [scorer.score_batch(on_device[b], b) for b in batches], device)
         t_after = timed(lambda: [scorer.score_batch(on_device[b], b) for b in batches], device)
@@ -126,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         ("loader, image only (after)", t_load_after),
         ("scoring before: per image, files re-read, every metric (numpy)", t_before),
         ("scoring, every metric on the prepared ground truth (numpy; evaluate CLI, end of run)", t_full),
-        (f"  the same in {threads} threads (the end-of-run validation)", t_full_threads),
         (f"scoring after: per epoch, CC/KLD/NSS/SIM batched on {device}", t_after),
         ("once per run: preparing the ground truth (maps, fixations)", t_prepare),
         ("once per run: centre + mean baselines, every metric (numpy)", max(t_baselines_full - t_full, 0.0)),

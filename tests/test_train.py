@@ -387,6 +387,13 @@ def test_validation_on_the_device_matches_numpy_and_reads_the_ground_truth_once(
     assert set(full["metrics"]) == {"cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "sauc", "info_gain"}
 
 
+def test_select_metric_must_be_scored_every_epoch(tmp_path, capsys):
+    from train.loop import main
+
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--select-metric", "auc_judd"]) == 1
+    assert "--select-metric auc_judd is not scored every epoch; choose one of cc, kld, nss, sim" in capsys.readouterr().err
+
+
 def test_output_folder_pushes_to_the_hub(tiny_data, tmp_path, hub_server, hub_repo_id):
     out = tmp_path / "pushed"
     run(tiny_config(tiny_data, out, epochs=1, push_to_hub=hub_repo_id))

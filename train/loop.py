@@ -21,7 +21,6 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -254,20 +253,15 @@ def evaluate(
             dist.broadcast(buffer, src=0)
     rows: list[dict[str, Any]] = []
     low = resolve_precision(device, precision)
-    # The numpy metrics spend most of their time in sorts and array arithmetic, which release the
-    # GIL: a batch's images are scored in parallel threads.
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) if full else None
     for image, _, _, index in tqdm(loader, desc="validate", unit="batch", disable=not show, leave=False):
         with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             pred = model.infer(image.to(device).contiguous(memory_format=torch.channels_last))
         indices = index.tolist()
-        if pool is not None:
+        if full:
             maps = tensor_to_maps(pred, [scorer.sizes[i] for i in indices])
-            rows += pool.map(scorer.score, indices, maps)
+            rows += [scorer.score(i, m) for i, m in zip(indices, maps)]
         else:
             rows += scorer.score_batch(pred, indices)
-    if pool is not None:
-        pool.shutdown()
     if gather:  # each rank scored its shard; False where one rank scores every image alone
         rows = gather_rows(rows)
     return {"n_images": len(rows), **summarize(rows)}
@@ -631,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg.input_size  # noqa: B018 - validates --size early
         SaliencyLoss(cfg.loss)
+        if cfg.select_metric not in EPOCH_METRICS and cfg.full_metrics_every != 1:
+            raise ValueError(f"--select-metric {cfg.select_metric} is not scored every epoch; choose one of "
+                             f"{', '.join(EPOCH_METRICS)}, or add --full-metrics-every 1.")
         run(cfg)
     except (DataError, ValueError, NonFiniteLoss, RuntimeError, FileNotFoundError, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
