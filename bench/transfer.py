@@ -101,7 +101,7 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
     splits = load_splits(cfg.data_dirs, dest)
     export_model(switched, cfg, dest, best, len(splits["train"]))
     if blur == "auto":
-        val_set = SaliencyDataset(splits["val"], cfg.input_size, keep_aspect=switched.config.keep_aspect)
+        val_set = SaliencyDataset(splits["val"], cfg.input_size, keep_aspect=switched.config.keep_aspect, targets=False)
         scorer = Scorer(splits["val"], train_samples=splits["train"], seed=cfg.seed)
         best = calibrate_blur(dest, val_set, scorer, torch.device("cpu"), cfg, best, len(splits["train"]))
         print(f"blur calibrated on validation ({best['blur_metric']}): {best['blur']}")

@@ -11,6 +11,8 @@ from PIL import Image
 
 from hub import SaliencyConfig, SaliencyUNet
 from hub.publish import export
+from train.data import GroundTruth, find_samples, read_fixations, read_map
+from train.evaluate import EPOCH_METRICS, Scorer
 from train.evaluate import main as evaluate_main
 from train.maps import auto_sigma
 from train.maps import main as maps_main
@@ -125,3 +127,61 @@ def test_maps_rebuild_the_shipped_nus_maps(tmp_path):
         ours = np.asarray(Image.open(tmp_path / "ds" / "maps" / f"{i}.png")).astype(int)
         shipped = np.asarray(Image.open(NUS / "maps" / f"{i}.png")).astype(int)
         assert np.abs(ours - shipped).max() <= 1
+
+
+# -- the prepared ground truth and the two ways of scoring -----------------------------------------
+def test_device_scores_match_the_numpy_scores_with_baselines(tmp_path):
+    """score_batch (torch, model-size maps resized on the device) = score (numpy, MIT-exact) on the same maps."""
+    make_dataset(tmp_path / "data", n=5)
+    samples = find_samples(tmp_path / "data")
+    scorer = Scorer(samples, train_samples=None, seed=0)  # leave-one-out mean baseline
+    rng = np.random.default_rng(0)
+    preds = torch.tensor(rng.random((5, 1, 24, 32)), dtype=torch.float32) + 0.1
+    preds[3] = 0.7  # a flat map (of image indices[3]) scores chance both ways
+    indices = [4, 0, 2, 1, 3]  # any order, several original sizes in one batch
+    device_rows = scorer.score_batch(preds, indices)
+    for row, i, pred in zip(device_rows, indices, preds):
+        full = scorer.score(i, pred[0].numpy())
+        assert row["id"] == full["id"] == samples[i].id
+        assert set(row) - {"id", "baselines"} == set(EPOCH_METRICS)
+        for k in EPOCH_METRICS:
+            assert row[k] == pytest.approx(full[k], abs=1e-5), (i, k)
+        for name in ("center", "mean"):
+            for k in EPOCH_METRICS:
+                assert row["baselines"][name][k] == pytest.approx(full["baselines"][name][k], abs=1e-5), (i, name, k)
+    assert device_rows[3]["cc"] == 0.0 and device_rows[3]["nss"] == 0.0 and device_rows[3]["sim"] == 0.0
+
+
+def test_ground_truth_is_read_once_however_often_it_is_scored(tmp_path, monkeypatch):
+    import train.data
+    import train.evaluate
+
+    make_dataset(tmp_path / "data", n=4)
+    samples = find_samples(tmp_path / "data")
+    reads: list[str] = []
+    real_map, real_fix = train.data._read_map_stored, train.data.read_fixations
+    monkeypatch.setattr(train.data, "_read_map_stored", lambda path: reads.append(Path(path).name) or real_map(path))
+    monkeypatch.setattr(train.data, "read_fixations", lambda s, shape: reads.append(s.id) or real_fix(s, shape))
+    monkeypatch.setattr(train.evaluate, "read_map", None)  # the mean map of the evaluated images comes from memory
+    scorer = Scorer(samples, seed=0)
+    assert sorted(reads) == sorted([f"{s.id}.png" for s in samples] + [s.id for s in samples])
+    reads.clear()
+    pred = torch.rand(4, 1, 16, 16)
+    for _ in range(3):  # three "epochs"
+        scorer.score_batch(pred, [0, 1, 2, 3])
+        for i in range(4):
+            scorer.score(i, pred[i, 0].numpy())
+    assert reads == []
+
+
+def test_ground_truth_gives_what_the_readers_give(tmp_path):
+    make_dataset(tmp_path / "data", n=3)
+    (tmp_path / "data" / "fixations" / "002.png").unlink()
+    samples = find_samples(tmp_path / "data")
+    truth = GroundTruth(samples, seed=0)
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(truth.gt_map(i), read_map(s.map))
+        if s.has_fixations:
+            np.testing.assert_array_equal(truth.fixation_mask(i), read_fixations(s, truth.sizes[i]))
+            assert truth.other_mask(i).shape == truth.sizes[i] and truth.other_mask(i).any()
+    assert truth.fixation_mask(2) is None and truth.other_mask(2) is None

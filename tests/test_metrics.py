@@ -1,5 +1,7 @@
 """Tests for train/metrics.py: analytic cases, hand-worked examples, resizing, torch parity,
-error messages, and a check on real eye-tracking data (skipped when it is absent)."""
+error messages, and a check on real eye-tracking data (skipped when it is absent). The fixation
+helpers the metrics are fed with (CSV reading, fixation maps) live in train/data.py and are
+tested here beside them."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from train import data as D
 from train import metrics as M
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nus_scene"
@@ -259,7 +262,7 @@ def test_prediction_is_resized_to_the_ground_truth():
 
 def test_fixation_map_from_points_rounds_and_clamps():
     pts = np.array([[0.49, 0.0], [0.5, 1.2], [-3.0, 9.0], [2.6, 1.5]])  # (x, y)
-    got = M.fixation_map_from_points(pts, (3, 4))
+    got = D.fixation_map_from_points(pts, (3, 4))
     want = np.zeros((3, 4), dtype=bool)
     want[0, 0] = True  # x 0.49 rounds to column 0
     want[1, 1] = True  # x 0.5 rounds half up (MATLAB round), y 1.2 -> row 1
@@ -271,15 +274,15 @@ def test_fixation_map_from_points_rounds_and_clamps():
 def test_other_fixation_map_moves_points_without_loss_or_smear():
     src = np.zeros((4, 4), dtype=np.uint8)
     src[0, 0] = src[3, 3] = src[1, 2] = 255
-    up = M.other_fixation_map([src], (8, 8))
+    up = D.other_fixation_map([src], (8, 8))
     # Pixel centre (r + 0.5) / 4 lands on row floor((r + 0.5) * 2) = 2r + 1.
     assert sorted(map(tuple, np.argwhere(up))) == [(1, 1), (3, 5), (7, 7)]
     # Shrinking keeps every point (merging only when they share a target pixel).
     full = np.ones((6, 9), dtype=bool)
-    assert M.other_fixation_map([full], (3, 3)).all()
+    assert D.other_fixation_map([full], (3, 3)).all()
     # Points and maps of different sizes mix; points are (x, y) in their own image.
     pts = (np.array([[99.0, 0.0]]), (50, 100))  # right edge, top row of a 50x100 image
-    both = M.other_fixation_map([src, pts], (4, 4))
+    both = D.other_fixation_map([src, pts], (4, 4))
     assert both[0, 3] and both[0, 0] and both.sum() == 4
 
 
@@ -289,17 +292,17 @@ def test_other_fixation_map_max_images_picks_a_subset():
         m = np.zeros((6, 6), dtype=np.uint8)
         m[i, i] = 1
         maps.append(m)
-    sub = M.other_fixation_map(maps, (6, 6), rng=0, max_images=3)
+    sub = D.other_fixation_map(maps, (6, 6), rng=0, max_images=3)
     assert sub.sum() == 3
-    np.testing.assert_array_equal(sub, M.other_fixation_map(maps, (6, 6), rng=0, max_images=3))
-    assert M.other_fixation_map(maps, (6, 6), max_images=10).sum() == 6
+    np.testing.assert_array_equal(sub, D.other_fixation_map(maps, (6, 6), rng=0, max_images=3))
+    assert D.other_fixation_map(maps, (6, 6), max_images=10).sum() == 6
 
 
 def test_fixations_from_csv(tmp_path):
     path = tmp_path / "fixations.csv"
     path.write_text("id,subject,x,y,duration_ms\n007,0,1.0,1.0,100\n007,1,10.5,3.25,90\n"
                     "012,0,5,6,80\n")
-    fx = M.fixations_from_csv(path)
+    fx = D.fixations_from_csv(path)
     assert sorted(fx) == ["007", "012"]  # ids stay strings with leading zeros
     np.testing.assert_allclose(fx["007"], [[0.0, 0.0], [9.5, 2.25]])  # 1-based -> 0-based
     np.testing.assert_allclose(fx["012"], [[4.0, 5.0]])
@@ -309,10 +312,10 @@ def test_fixations_from_csv_errors(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("id,subject,col,row\n1,0,2,3\n")
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['x', 'y'\]"):
-        M.fixations_from_csv(path)
+        D.fixations_from_csv(path)
     path.write_text("id,subject,x,y\n1,0,2,abc\n")
     with pytest.raises(ValueError, match="line 2"):
-        M.fixations_from_csv(path)
+        D.fixations_from_csv(path)
 
 
 def test_center_prior_is_centred_and_aspect_scaled():
@@ -360,7 +363,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="n_splits"):
         M.auc_borji(gt, fix, n_splits=0)
     with pytest.raises(ValueError, match="others is empty"):
-        M.other_fixation_map([], (4, 4))
+        D.other_fixation_map([], (4, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +455,44 @@ def test_torch_errors():
         M.cc_torch(torch.rand(5, 5), torch.rand(5, 5))
 
 
+# Validation's device path: a model-size map resized on the device to the image's original size
+# must score as the numpy metrics score the same model-size map (which resize it with Pillow).
+RESIZES = [((36, 48), (61, 83)), ((36, 48), (480, 640)), ((288, 384), (256, 256)), ((37, 51), (23, 30)),
+           ((48, 64), (48, 64)), ((40, 30), (53, 41))]
+
+
+@pytest.mark.parametrize("src,dst", RESIZES)
+def test_resize_bilinear_torch_matches_pillow(src, dst):
+    pred = smooth_map(src, 5) + np.random.default_rng(1).random(src) * 0.3  # smooth plus pixel noise
+    want = M.resize_bilinear(pred, dst)
+    got = M.resize_bilinear_torch(torch.tensor(pred, dtype=torch.float32)[None, None], dst)
+    assert got.shape == (1, *dst)
+    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-4 * pred.max())
+
+
+@pytest.mark.parametrize("src,dst", RESIZES)
+def test_batched_torch_metrics_at_original_resolution_match_numpy(src, dst):
+    """Random and analytic cases, float32 on the device path vs float64 numpy, within 1e-4."""
+    rng = np.random.default_rng(sum(src + dst))
+    preds = np.stack([smooth_map(src, 70 + i) + rng.random(src) * 0.2 for i in range(3)]).astype(np.float32)
+    gts = [smooth_map(dst, 80 + i) for i in range(3)]
+    fixes = [random_fixations(dst, min(15, dst[0] * dst[1] // 4), 90 + i) for i in range(3)]
+    # Analytic: a flat prediction scores chance (CC, NSS, SIM 0).
+    preds[2] = 0.5
+    resized = M.resize_bilinear_torch(torch.from_numpy(preds), dst)
+    gt_t, fix_t = torch.tensor(np.stack(gts), dtype=torch.float32), torch.tensor(np.stack(fixes) > 0)
+    for tfn, nfn, target in TORCH_PAIRS:
+        got = tfn(resized, gt_t if target == "gt" else fix_t).numpy()
+        want = [nfn(p, t) for p, t in zip(preds, gts if target == "gt" else fixes)]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=nfn.__name__)
+    assert M.cc_torch(resized, gt_t)[2] == 0 and M.nss_torch(resized, fix_t)[2] == 0 and M.sim_torch(resized, gt_t)[2] == 0
+    # Analytic: the ground truth itself (already at the original size) scores CC 1, KLD 0, SIM 1.
+    same = M.resize_bilinear_torch(gt_t, dst)
+    np.testing.assert_allclose(M.cc_torch(same, gt_t).numpy(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(M.kld_torch(same, gt_t).numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(M.sim_torch(same, gt_t).numpy(), 1.0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real eye-tracking data
 # ---------------------------------------------------------------------------------------------
@@ -461,8 +502,8 @@ def test_torch_errors():
 def nus():
     if not (DATA / "fixations.csv").is_file():
         pytest.skip(f"real eye-tracking data not found at {DATA}")
-    fx = M.fixations_from_csv(DATA / "fixations.csv")
-    sizes = M.image_sizes(DATA / "maps", sorted(fx))
+    fx = D.fixations_from_csv(DATA / "fixations.csv")
+    sizes = D.image_sizes(DATA / "maps", sorted(fx))
     return fx, sizes
 
 
@@ -476,7 +517,7 @@ def test_csv_fixations_rebuild_the_binary_maps(nus):
     # The CSV keeps 2 decimals, so a coordinate printed as exactly .5 is ambiguous; these ids
     # have none, and the README's rule (MATLAB round, clamp) reproduces their PNGs exactly.
     for image_id in ("001", "005", "009", "017", "019"):
-        got = M.fixation_map_from_points(fx[image_id], sizes[image_id])
+        got = D.fixation_map_from_points(fx[image_id], sizes[image_id])
         np.testing.assert_array_equal(got, load("fixations", image_id) > 0)
 
 
@@ -487,7 +528,7 @@ def test_center_prior_on_real_data(nus):
     for image_id in ids:
         fix = load("fixations", image_id)
         prior = M.center_prior(fix.shape)
-        others = M.other_fixation_map(
+        others = D.other_fixation_map(
             [(fx[j], sizes[j]) for j in ids if j != image_id], fix.shape
         )
         judd.append(M.auc_judd(prior, fix, rng=0))

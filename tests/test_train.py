@@ -14,12 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
+from torch.utils.data import DataLoader
 
 from hub import SaliencyConfig, SaliencyUNet
-from train.data import DataError, SaliencyDataset, Sample, find_samples, load_splits, read_fixations, scan
+from train.data import DataError, SaliencyDataset, Sample, SizeBatchSampler, find_samples, load_splits, read_fixations, read_map, scan
+from train.evaluate import Scorer
 from train.evaluate import main as evaluate_main
 from train.losses import SaliencyLoss, parse_loss
-from train.loop import TrainConfig, run
+from train.loop import TrainConfig, evaluate, run
 
 ROOT = Path(__file__).resolve().parents[1]
 NUS = ROOT.parent / "shared" / "data" / "nus_scene"
@@ -202,7 +204,9 @@ def test_run_writes_a_loadable_folder_that_evaluate_reads(tiny_data, tmp_path, c
     assert config["size"] == "64x64" and config["model"]["input_size"] == [64, 64]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best"]["metric"] == "kld"  # the default: the pick that transfers better
-    assert set(metrics["epochs"][0]["val"]["metrics"]) >= {"cc", "kld", "nss", "sim", "auc_judd", "sauc"}
+    # Epochs are validated with the device metrics; the published best model with every metric.
+    assert set(metrics["epochs"][0]["val"]["metrics"]) == {"cc", "kld", "nss", "sim"}
+    assert set(metrics["best"]["val"]["metrics"]) == {"cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "sauc", "info_gain"}
     card = (out / "README.md").read_text()
     assert "model-index" in card and "backbone_init" in card
     try:
@@ -337,6 +341,68 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     assert metrics["epochs"][-1]["val"]["n_images"] == 3 == len(json.loads((out / "split.json").read_text())["val"])
     assert result.stdout.count("best epoch") == 1  # only rank 0 reports
     SaliencyUNet.from_pretrained(out)
+    # The same means as one process validating the same weights (those of epoch 2, in last.pt).
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    model = SaliencyUNet(SaliencyConfig.from_dict(checkpoint["config"]["model"]))
+    model.load_state_dict(checkpoint["model"])
+    split = json.loads((out / "split.json").read_text())
+    by_id = {s.id: s for s in find_samples(tiny_data)}
+    val = [by_id[i] for i in split["val"]]
+    val_set = SaliencyDataset(val, (64, 64), targets=False)
+    loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, 2))
+    scorer = Scorer(val, train_samples=[by_id[i] for i in split["train"]], seed=3)
+    alone = evaluate(model, loader, scorer, torch.device("cpu"), show=False, precision="fp32")
+    ddp = metrics["epochs"][-1]["val"]
+    assert alone["n_images"] == ddp["n_images"] == 3
+    for key, value in alone["metrics"].items():
+        assert ddp["metrics"][key] == pytest.approx(value, abs=1e-5), key
+    for name, scores in alone["baselines"].items():
+        for key, value in scores.items():
+            assert ddp["baselines"][name][key] == pytest.approx(value, abs=1e-5), (name, key)
+
+
+def test_validation_on_the_device_matches_numpy_and_reads_the_ground_truth_once(tiny_data, monkeypatch):
+    import train.data
+    from train import metrics as M
+
+    samples = find_samples(tiny_data)[:5]
+    torch.manual_seed(0)
+    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), flip_tta=True)).eval()
+    val_set = SaliencyDataset(samples, (64, 64), targets=False)
+    loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, 2))
+    scorer = Scorer(samples, train_samples=None, seed=0)  # ground truth prepared here, once
+    gts = [read_map(s.map) for s in samples]
+    fixes = [read_fixations(s, g.shape) for s, g in zip(samples, gts)]
+
+    def no_reading(*args):
+        raise AssertionError("validation read a ground-truth file after it was prepared")
+
+    for name in ("read_map", "_read_map_stored", "read_fixations"):
+        monkeypatch.setattr(train.data, name, no_reading)
+    first = evaluate(model, loader, scorer, torch.device("cpu"), show=False, precision="fp32")
+    second = evaluate(model, loader, scorer, torch.device("cpu"), show=False, precision="fp32")  # the next epoch
+    assert first == second and first["n_images"] == 5
+    assert set(first["metrics"]) == {"cc", "kld", "nss", "sim"}
+    # The numpy MIT-exact metrics of the same model-size maps, resized by the metrics themselves.
+    want = {"cc": [], "kld": [], "nss": [], "sim": []}
+    with torch.no_grad():
+        for i in range(len(samples)):
+            pred = model.infer(val_set[i][0][None])[0, 0].numpy()
+            want["cc"].append(M.cc(pred, gts[i]))
+            want["kld"].append(M.kld(pred, gts[i]))
+            want["sim"].append(M.sim(pred, gts[i]))
+            want["nss"].append(M.nss(pred, fixes[i]))
+    for key, values in want.items():
+        assert first["metrics"][key] == pytest.approx(float(np.mean(values)), abs=1e-5), key
+    full = evaluate(model, loader, scorer, torch.device("cpu"), show=False, precision="fp32", full=True)
+    assert set(full["metrics"]) == {"cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "sauc", "info_gain"}
+
+
+def test_select_metric_must_be_scored_every_epoch(tmp_path, capsys):
+    from train.loop import main
+
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--select-metric", "auc_judd"]) == 1
+    assert "--select-metric auc_judd is not scored every epoch; choose one of cc, kld, nss, sim" in capsys.readouterr().err
 
 
 def test_output_folder_pushes_to_the_hub(tiny_data, tmp_path, hub_server, hub_repo_id):

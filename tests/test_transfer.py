@@ -216,7 +216,7 @@ def test_training_on_two_folders_with_every_option(tiny_data, tmp_path):  # noqa
         blob_sample(other, f"{i:03d}", 48, 80)
     out = tmp_path / "out"
     cfg = tiny_config([str(tiny_data), str(other)], out, center_prior=4, keep_aspect=True,
-                      flip_tta=True, blur="auto", ema=0.9, select_metric="kld")
+                      flip_tta=True, blur="auto", ema=0.9, select_metric="kld", full_metrics_every=2)
     result = run(cfg)
     split = json.loads((out / "split.json").read_text())
     assert {i.split("/")[0] for i in split["train"]} == {"data", "other"}
@@ -224,6 +224,10 @@ def test_training_on_two_folders_with_every_option(tiny_data, tmp_path):  # noqa
     assert config["center_prior"] == 4 and config["keep_aspect"] and config["flip_tta"]
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best"]
+    # --full-metrics-every 2: the rank-based metrics at epoch 2 (and on the best model at the end) only.
+    every = {"cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "sauc", "info_gain"}
+    assert [set(e["val"]["metrics"]) for e in metrics["epochs"]] == [{"cc", "kld", "nss", "sim"}, every]
+    assert set(best["val"]["metrics"]) == every
     assert config["blur"] == best["blur"] and best["blur"] in BLUR_GRID
     assert set(best["blur_grid"]) == {f"{b:g}" for b in BLUR_GRID} and best["blur_metric"] == "kld"
     assert result["best"]["val"]["metrics"]["kld"] == pytest.approx(best["val"]["metrics"]["kld"])

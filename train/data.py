@@ -12,11 +12,12 @@ Images go through `hub.preprocess` (the model's own path); only the augmentation
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,15 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from hub.preprocess import image_to_tensor, load_image, model_input_size, resize_image, resize_map
-from train.metrics import fixation_map_from_points, fixations_from_csv
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# An (N, 2) array of (x, y) 0-based points with the (H, W) of the image they were recorded on.
+PointsWithShape = tuple[np.ndarray, tuple[int, int]]
 
 
 class DataError(ValueError):
@@ -60,11 +64,20 @@ class Sample:
 # -- reading ---------------------------------------------------------------------------------------
 def read_map(path: Path) -> np.ndarray:
     """A density map of any bit depth -> H x W float32 in [0, 1] (colour maps are averaged)."""
+    return _unpack_map(*_read_map_stored(path))
+
+
+def _read_map_stored(path: Path) -> tuple[np.ndarray, float]:
+    """(H x W grey array as stored, its full-scale value): uint8/uint16 maps stay integers (compact)."""
     with Image.open(path) as img:
         arr = np.asarray(img)
     if arr.ndim == 3:
         arr = arr[:, :, :3].mean(axis=2)
     top = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else max(float(arr.max()), 1.0)
+    return arr, top
+
+
+def _unpack_map(arr: np.ndarray, top: float) -> np.ndarray:
     return (arr.astype(np.float32) / top).clip(0.0, 1.0)
 
 
@@ -107,6 +120,212 @@ def image_size(path: Path) -> tuple[int, int]:
     """(H, W) from the file header, without decoding."""
     with Image.open(path) as img:
         return img.height, img.width
+
+
+def fixations_from_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """Read fixations from a ``fixations.csv`` with columns ``id, subject, x, y, ...``.
+
+    ``x`` and ``y`` in the file are 1-based sub-pixel coordinates (MATLAB convention); they
+    are returned 0-based, so pixel (row r, column c) covers x in [c - 0.5, c + 0.5). Image
+    sizes are not in the file; pass them alongside (see :func:`image_sizes`) to normalise.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        {image id (string, leading zeros kept): (N, 2) float64 array of (x, y)}, all
+        observers pooled, in file order.
+    """
+    path = Path(path)
+    points: dict[str, list[tuple[float, float]]] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"id", "x", "y"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; expected id,x,y.")
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                xy = (float(row["x"]) - 1.0, float(row["y"]) - 1.0)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {line_no}: x/y are not numbers ({row['x']!r}, {row['y']!r})."
+                ) from None
+            points.setdefault(row["id"], []).append(xy)
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in points.items()}
+
+
+def fixation_map_from_points(
+    points: np.ndarray,
+    shape: tuple[int, int],
+    source_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Binary fixation map from (x, y) points, optionally rescaled from another image size.
+
+    A point at 0-based (x, y) on a (h0, w0) image has normalised position
+    ((x + 0.5) / w0, (y + 0.5) / h0) in [0, 1); it lands on column floor(u * W) and row
+    floor(v * H) of the target, clamped to the grid. With ``source_shape`` = ``shape`` this is
+    round-half-up, the ``clamp(round(x), 1, W) - 1`` rule of the benchmark's MATLAB code.
+    Points are moved, never interpolated, so none is lost or smeared (several may merge into
+    one pixel when shrinking).
+
+    Args:
+        points: (N, 2) array of (x, y) in 0-based pixels of the source image.
+        shape: target (H, W).
+        source_shape: (h0, w0) the points refer to; defaults to ``shape``.
+
+    Returns:
+        (H, W) bool map, True at fixated pixels.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"points must be an (N, 2) array of (x, y), got shape {pts.shape}.")
+    h, w = int(shape[0]), int(shape[1])
+    h0, w0 = (h, w) if source_shape is None else (int(source_shape[0]), int(source_shape[1]))
+    if min(h, w, h0, w0) < 1:
+        raise ValueError(f"shapes must be positive, got shape={shape}, source={source_shape}.")
+    if not np.isfinite(pts).all():
+        raise ValueError("points contain NaN or infinite coordinates.")
+    cols = np.clip(np.floor((pts[:, 0] + 0.5) * (w / w0)), 0, w - 1).astype(np.intp)
+    rows = np.clip(np.floor((pts[:, 1] + 0.5) * (h / h0)), 0, h - 1).astype(np.intp)
+    out = np.zeros((h, w), dtype=bool)
+    out[rows, cols] = True
+    return out
+
+
+def other_fixation_map(
+    others: Iterable[np.ndarray | PointsWithShape],
+    shape: tuple[int, int],
+    rng: np.random.Generator | int | None = None,
+    max_images: int | None = None,
+) -> np.ndarray:
+    """Union of other images' fixations on this image's grid, the negatives of :func:`train.metrics.sauc`.
+
+    Each item of ``others`` is either a binary (h_i, w_i) fixation map (pixels > 0 are
+    fixations) or a tuple ``(points, (h_i, w_i))`` with (N, 2) (x, y) 0-based points, e.g.
+    from :func:`fixations_from_csv`. Each fixation is mapped by its normalised position onto
+    the (H, W) grid (see :func:`fixation_map_from_points`); binary maps are never
+    interpolated. Images of any size can be mixed.
+
+    Args:
+        others: fixations of the *other* images (exclude the image being scored).
+        shape: (H, W) of the image being scored.
+        rng: numpy Generator or seed, used only to pick ``max_images``.
+        max_images: if set, use a random subset of this many images (Borji et al. use 10).
+
+    Returns:
+        (H, W) bool map.
+    """
+    items = list(others)
+    if not items:
+        raise ValueError("others is empty; sAUC needs fixations from at least one other image.")
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}.")
+        if len(items) > max_images:
+            pick = np.random.default_rng(rng).choice(len(items), max_images, replace=False)
+            items = [items[i] for i in sorted(pick)]
+    out = np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
+    for item in items:
+        if isinstance(item, tuple):
+            pts, src_shape = item
+        else:
+            fmap = np.asarray(item)
+            if fmap.ndim != 2:
+                raise ValueError(f"a fixation map in others is not 2-D (shape {fmap.shape}).")
+            rows, cols = np.nonzero(fmap > 0)
+            pts, src_shape = np.stack([cols, rows], axis=1), fmap.shape
+        out |= fixation_map_from_points(pts, shape, src_shape)
+    return out
+
+
+def image_sizes(
+    image_dir: str | Path, ids: Iterable[str], suffix: str = ".png"
+) -> dict[str, tuple[int, int]]:
+    """(H, W) of ``image_dir/<id><suffix>`` for each id, read from the headers only.
+
+    Useful with :func:`fixations_from_csv` to build ``(points, (H, W))`` items for
+    :func:`other_fixation_map`.
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+    for i in ids:
+        with Image.open(Path(image_dir) / f"{i}{suffix}") as im:
+            sizes[i] = (im.height, im.width)
+    return sizes
+
+
+class GroundTruth:
+    """The evaluation ground truth of a list of samples, read and rasterised once.
+
+    For each sample at its original (H, W): the density map (kept as stored, 8- or 16-bit, so
+    SALICON's 5,000 validation maps hold 1.5 GB, not 6), the fixated pixels as sorted flat
+    indices into H*W, and on first use the sAUC negatives (other images' fixations on this
+    grid). Maps are read on first use of an index or by `load`, then never again: validation
+    reads each file once per run, however many epochs score it.
+    """
+
+    def __init__(self, samples: Sequence[Sample], seed: int = 0, other_images: int = 10, workers: int = 4) -> None:
+        self.samples = list(samples)
+        self.seed, self.other_images, self.workers = seed, other_images, workers
+        self.sizes = [image_size(s.image) for s in self.samples]
+        # (x, y) of fixated pixels with their grid: the sAUC negatives of the other images.
+        self.points: list[PointsWithShape | None] = []
+        self.fixations: list[np.ndarray | None] = []
+        for sample, size in zip(self.samples, self.sizes):
+            if sample.has_fixations:
+                flat = np.flatnonzero(read_fixations(sample, size))
+                rows, cols = np.divmod(flat, size[1])
+                self.points.append((np.stack([cols, rows], 1), size))
+                self.fixations.append(flat)
+            else:
+                self.points.append(None)
+                self.fixations.append(None)
+        self._maps: dict[int, tuple[np.ndarray, float]] = {}
+        self._others: dict[int, np.ndarray | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, indices: Iterable[int] | None = None) -> None:
+        """Read the density maps of `indices` (default: all) that are not in memory yet, in threads."""
+        todo = [i for i in (range(len(self)) if indices is None else indices)
+                if i not in self._maps and self.samples[i].map is not None]
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:  # PNG decoding releases the GIL
+            for i, stored in zip(todo, pool.map(lambda i: _read_map_stored(self.samples[i].map), todo)):
+                self._maps[i] = stored
+
+    def has_map(self, index: int) -> bool:
+        return self.samples[index].map is not None
+
+    def gt_map(self, index: int) -> np.ndarray | None:
+        """(H, W) float32 density map in [0, 1], exactly as `read_map` gives it; None without a map."""
+        if not self.has_map(index):
+            return None
+        if index not in self._maps:
+            self.load([index])
+        return _unpack_map(*self._maps[index])
+
+    def fixation_mask(self, index: int) -> np.ndarray | None:
+        """(H, W) bool map of fixated pixels, as `read_fixations` gives it; None without fixations."""
+        return self._mask(index, self.fixations[index])
+
+    def other_mask(self, index: int) -> np.ndarray | None:
+        """(H, W) bool sAUC negatives: fixations of up to `other_images` other images (seeded by index)."""
+        if index not in self._others:
+            others = [p for i, p in enumerate(self.points) if i != index and p is not None]
+            flat = None
+            if others and self.fixations[index] is not None:
+                grid = other_fixation_map(others, self.sizes[index], rng=self.seed + index, max_images=self.other_images)
+                flat = np.flatnonzero(grid)
+            self._others[index] = flat
+        return self._mask(index, self._others[index])
+
+    def _mask(self, index: int, flat: np.ndarray | None) -> np.ndarray | None:
+        if flat is None:
+            return None
+        h, w = self.sizes[index]
+        out = np.zeros(h * w, dtype=bool)
+        out[flat] = True
+        return out.reshape(h, w)
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -315,6 +534,8 @@ class SaliencyDataset(Dataset):
     in epoch e is seeded by (seed, e, i): identical across runs, resumes and worker counts.
     With `keep_aspect`, (h, w) is each image's own aspect-true model size
     (`hub.preprocess.model_input_size`); `sizes` lists them, for `SizeBatchSampler`.
+    Without `targets` (validation, which scores against a `GroundTruth` read once), items carry
+    empty map and fixation tensors and no map or fixation file is read.
     """
 
     def __init__(
@@ -325,13 +546,14 @@ class SaliencyDataset(Dataset):
         seed: int = 0,
         keep_aspect: bool = False,
         crop_scale: float = 0.6,
+        targets: bool = True,
     ) -> None:
         if not 0.0 < crop_scale <= 1.0:
             raise ValueError(f"--crop-scale {crop_scale} must be in (0, 1]: the smallest area fraction of a random crop.")
         self.samples, self.size, self.seed = samples, tuple(size), seed
         self.sizes = [model_input_size(image_size(s.image), self.size, keep_aspect) for s in samples] if keep_aspect \
             else [self.size] * len(samples)
-        self._augment, self.crop_scale = augment, crop_scale
+        self._augment, self.crop_scale, self.targets = augment, crop_scale, targets
         self._augmentations: dict[tuple[int, int], A.Compose] = {}
         self.epoch = 0
 
@@ -353,6 +575,8 @@ class SaliencyDataset(Dataset):
         image = load_image(sample.image)
         source = image.shape[:2]
         image = resize_image(image, size)
+        if not self.targets:
+            return image_to_tensor(image), torch.zeros(0), torch.zeros(0), index
         gt = resize_map(read_map(sample.map), size) if sample.map is not None else np.zeros(size, np.float32)
         fixated = read_fixations(sample, source) if sample.has_fixations else np.zeros(source, bool)
         rows, cols = np.nonzero(fixated)

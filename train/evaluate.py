@@ -6,11 +6,16 @@ Predictions come from `SaliencyUNet.predict` (the demo's path). Every report als
 trivial baselines on the same images in the same run: a Gaussian centre prior, and the mean
 ground-truth map of a training set. The JSON it writes is what the model card's
 `model-index` is built from.
+
+The ground truth (maps, fixations, sAUC negatives) is read once into a `train.data.GroundTruth`;
+`Scorer` scores against it, in numpy with every metric (this CLI) or in torch on the device with
+the per-epoch metrics (training's validation).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -20,28 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from hub.cli import setup_logging
 from hub.preprocess import map_to_image, resize_map
 from hub.runtime import PRECISIONS
 from train import metrics as M
-from train.data import (
-    DataError,
-    Sample,
-    atomic_write_text,
-    find_samples,
-    has_splits,
-    image_size,
-    read_fixations,
-    read_map,
-)
+from train.data import DataError, GroundTruth, Sample, atomic_write_text, find_samples, has_splits, read_map
 
 log = logging.getLogger(__name__)
 
 MAP_METRICS = ("cc", "kld", "sim")
 FIXATION_METRICS = ("nss", "auc_judd", "auc_borji", "sauc", "info_gain")
 ALL_METRICS = ("cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "sauc", "info_gain")
+# What training validates every epoch, on the model's device in batches: the metrics whose
+# definitions are sums over pixels. The rank-based ones (AUCs, sAUC) and IG stay numpy, per
+# image, run on the exported best model at the end (README, "Validation at scale").
+EPOCH_METRICS = ("cc", "kld", "nss", "sim")
 BASELINES = ("center", "mean")
 MEAN_MAP_SIZE = (128, 128)
 MEAN_MAP_MAX_IMAGES = 2000
@@ -49,11 +50,14 @@ SAUC_OTHER_IMAGES = 10  # as Borji et al.: negatives from 10 random other images
 
 
 class Scorer:
-    """Scores predictions for a fixed list of samples against their original-resolution ground truth.
+    """Scores predictions of a fixed list of samples against their original-resolution ground truth.
 
-    Precomputes each sample's fixation points (for sAUC negatives) and, for the mean-map
-    baseline, the mean of `train_samples`' maps (or, without a training set, the mean of the
-    *other* evaluated images, leave-one-out).
+    The ground truth (`train.data.GroundTruth`: maps, fixations, sAUC negatives) and the baseline
+    maps are prepared once here and reused by every call, i.e. every epoch. Two ways to score:
+    `score` (one map, every benchmark metric, numpy, MIT-exact: the evaluation CLI) and
+    `score_batch` (a batch of model-size maps on the device: CC, KLD, NSS, SIM in torch, for
+    per-epoch validation). Baselines (a centre prior; the mean map of `train_samples`, or without
+    them of the other evaluated images, leave-one-out) are scored once per image and way.
     """
 
     def __init__(
@@ -62,58 +66,129 @@ class Scorer:
         baselines: Sequence[str] = BASELINES,
         train_samples: Sequence[Sample] | None = None,
         seed: int = 0,
+        load: Sequence[int] | None = None,
     ) -> None:
-        self.samples = list(samples)
+        """load: indices whose maps are read now (default all); others are read on first use."""
+        self.truth = GroundTruth(samples, seed, other_images=SAUC_OTHER_IMAGES)
+        self.truth.load(load)
+        self.samples, self.sizes = self.truth.samples, self.truth.sizes
         self.baselines = tuple(baselines)
         self.seed = seed
-        self.sizes = [image_size(s.image) for s in self.samples]
-        self.points: list[tuple[np.ndarray, tuple[int, int]] | None] = []
-        for sample, size in zip(self.samples, self.sizes):
-            if sample.has_fixations:
-                rows, cols = np.nonzero(read_fixations(sample, size))
-                self.points.append((np.stack([cols, rows], 1), size))
-            else:
-                self.points.append(None)
-        self._baseline_rows: dict[int, dict[str, dict[str, float]]] = {}
+        self._baseline_rows: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
         self.mean_map: np.ndarray | None = None
         self.leave_one_out = False
         if "mean" in self.baselines:
-            source = list(train_samples) if train_samples else self.samples
             self.leave_one_out = not train_samples
-            self.mean_sum, self.mean_count = _sum_maps(source, seed)
+            if train_samples:
+                self.mean_sum, self.mean_count = _sum_maps(list(train_samples), seed)
+            else:  # the evaluated images themselves: their maps are in memory already
+                self.mean_sum, self.mean_count = _sum_maps(self.samples, seed, self.truth)
             self.mean_map = self.mean_sum / max(self.mean_count, 1)
 
+    def center(self, shape: tuple[int, int]) -> np.ndarray:
+        return _center_prior(tuple(shape))
+
     def _mean_baseline(self, index: int) -> np.ndarray:
-        if self.leave_one_out and self.samples[index].map is not None and self.mean_count > 1:
-            own = _unit_sum(resize_map(read_map(self.samples[index].map), MEAN_MAP_SIZE))
+        if self.leave_one_out and self.truth.has_map(index) and self.mean_count > 1:
+            own = _unit_sum(resize_map(self.truth.gt_map(index), MEAN_MAP_SIZE))
             return (self.mean_sum - own) / (self.mean_count - 1)
         return self.mean_map
 
-    def other_fixations(self, index: int, shape: tuple[int, int]) -> np.ndarray | None:
-        others = [p for i, p in enumerate(self.points) if i != index and p is not None]
-        if not others:
-            return None
-        return M.other_fixation_map(others, shape, rng=self.seed + index, max_images=SAUC_OTHER_IMAGES)
+    def _baseline_maps(self, index: int) -> dict[str, np.ndarray]:
+        maps = {}
+        if "center" in self.baselines:
+            maps["center"] = self.center(self.sizes[index])
+        if "mean" in self.baselines and self.mean_map is not None:
+            maps["mean"] = self._mean_baseline(index)
+        return maps
 
     def score(self, index: int, pred: np.ndarray) -> dict[str, Any]:
-        """All metrics of `pred` (any size; resized by the metrics) for sample `index`, with baselines."""
-        sample = self.samples[index]
-        shape = self.sizes[index]
-        gt = read_map(sample.map) if sample.map is not None else None
-        fix = read_fixations(sample, shape) if sample.has_fixations else None
-        other = self.other_fixations(index, shape) if fix is not None else None
-        center = M.center_prior(shape)
-        row: dict[str, Any] = {"id": sample.id, **score_map(pred, gt, fix, other, center, self.seed + index)}
-        if index not in self._baseline_rows:  # the baselines do not change between calls (epochs): score once
-            baselines = {}
-            if "center" in self.baselines:
-                baselines["center"] = score_map(center, gt, fix, other, center, self.seed + index)
-            if "mean" in self.baselines and self.mean_map is not None:
-                baselines["mean"] = score_map(self._mean_baseline(index), gt, fix, other, center, self.seed + index)
-            self._baseline_rows[index] = baselines
-        if self._baseline_rows[index]:
-            row["baselines"] = self._baseline_rows[index]
+        """Every metric of `pred` (any size; resized by the metrics) for sample `index`, with baselines."""
+        t = self.truth
+        gt, fix, other = t.gt_map(index), t.fixation_mask(index), t.other_mask(index)
+        center = self.center(self.sizes[index])
+        row: dict[str, Any] = {"id": self.samples[index].id, **score_map(pred, gt, fix, other, center, self.seed + index)}
+        key = ("all", index)
+        if key not in self._baseline_rows:  # the baselines do not change between calls (epochs): score once
+            self._baseline_rows[key] = {name: score_map(m, gt, fix, other, center, self.seed + index)
+                                        for name, m in self._baseline_maps(index).items()}
+        if self._baseline_rows[key]:
+            row["baselines"] = self._baseline_rows[key]
         return row
+
+    def score_batch(
+        self, pred: torch.Tensor, indices: Sequence[int], metrics: Sequence[str] = EPOCH_METRICS, baselines: bool = True
+    ) -> list[dict[str, Any]]:
+        """CC, KLD, NSS, SIM (a subset: `metrics`) of a batch of model-size maps, on their device.
+
+        pred: (B, 1, h, w) or (B, h, w) maps of samples `indices` (any scale, negatives clipped
+        as `tensor_to_maps` does). Each is resized to its image's original (H, W) by
+        `metrics.resize_bilinear_torch` (the rule of the numpy metrics' own resize), then scored
+        against the prepared ground truth in float32, images of one size in one batch. Agrees
+        with `score` on the same model-size maps to ~1e-5.
+        """
+        pred = pred.detach().float()
+        pred = pred[:, 0] if pred.dim() == 4 else pred
+        rows: list[dict[str, Any]] = [{"id": self.samples[i].id} for i in indices]
+        for row, scores in zip(rows, self._scores_by_size(list(pred), indices, metrics)):
+            row.update(scores)
+        if baselines and self.baselines:
+            todo = [i for i in dict.fromkeys(indices) if ("epoch", i) not in self._baseline_rows]
+            maps = {i: self._baseline_maps(i) for i in todo}
+            for i in todo:
+                self._baseline_rows[("epoch", i)] = {}
+            for name in self.baselines:  # scored once per run, in batches like the model's maps
+                have = [i for i in todo if name in maps[i]]
+                tensors = [torch.from_numpy(maps[i][name].astype(np.float32)).to(pred.device) for i in have]
+                for i, scores in zip(have, self._scores_by_size(tensors, have, metrics)):
+                    self._baseline_rows[("epoch", i)][name] = scores
+            for row, i in zip(rows, indices):
+                if self._baseline_rows[("epoch", i)]:
+                    row["baselines"] = self._baseline_rows[("epoch", i)]
+        return rows
+
+    def _scores_by_size(self, maps: Sequence[torch.Tensor], indices: Sequence[int], metrics: Sequence[str]) -> list[dict[str, float]]:
+        """Scores of (h_k, w_k) maps of images `indices`; maps of one size going to one image size form one batch."""
+        groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
+        for pos, (m, i) in enumerate(zip(maps, indices)):
+            groups.setdefault((tuple(m.shape), tuple(self.sizes[i])), []).append(pos)
+        out: list[dict[str, float]] = [{} for _ in indices]
+        for (_, shape), where in groups.items():
+            resized = M.resize_bilinear_torch(torch.stack([maps[p] for p in where]), shape).clamp_min(0.0)
+            for p, scores in zip(where, self._device_scores(resized, [indices[p] for p in where], metrics)):
+                out[p] = scores
+        return out
+
+    def _device_scores(self, maps: torch.Tensor, indices: Sequence[int], metrics: Sequence[str]) -> list[dict[str, float]]:
+        """Scores of (b, H, W) maps of images `indices` (all of that size) against their ground truth."""
+        out: list[dict[str, float]] = [{} for _ in indices]
+        device = maps.device
+        with_map = [p for p, i in enumerate(indices) if self.truth.has_map(i)]
+        map_fns = {"cc": M.cc_torch, "kld": M.kld_torch, "sim": M.sim_torch}
+        wanted = [k for k in metrics if k in map_fns]
+        if with_map and wanted:
+            gt = torch.from_numpy(np.stack([self.truth.gt_map(indices[p]) for p in with_map])).to(device, non_blocking=True)
+            values = {k: map_fns[k](maps[with_map], gt).tolist() for k in wanted}
+            for j, p in enumerate(with_map):
+                out[p].update({k: values[k][j] for k in wanted})
+        with_fix = [p for p, i in enumerate(indices) if self.truth.fixations[i] is not None]
+        if with_fix and "nss" in metrics:
+            b, h, w = len(with_fix), *maps.shape[-2:]
+            flat = [torch.from_numpy(self.truth.fixations[indices[p]]) for p in with_fix]
+            rows = torch.cat([torch.full((len(f),), j) for j, f in enumerate(flat)])
+            fix = torch.zeros(b, h * w, device=device)
+            fix[rows.to(device), torch.cat(flat).to(device)] = 1.0
+            for p, v in zip(with_fix, M.nss_torch(maps[with_fix], fix.view(b, h, w)).tolist()):
+                out[p]["nss"] = v
+        return out
+
+
+@functools.lru_cache(maxsize=16)
+def _center_prior(shape: tuple[int, int]) -> np.ndarray:
+    """The centre-prior baseline of an image size; a few sizes cached (a dataset of many sizes would fill memory)."""
+    prior = M.center_prior(shape)
+    prior.flags.writeable = False  # shared between calls
+    return prior
 
 
 def _unit_sum(m: np.ndarray) -> np.ndarray:
@@ -121,14 +196,15 @@ def _unit_sum(m: np.ndarray) -> np.ndarray:
     return m / total if total > 0 else m
 
 
-def _sum_maps(samples: Sequence[Sample], seed: int) -> tuple[np.ndarray, int]:
-    with_maps = [s for s in samples if s.map is not None]
+def _sum_maps(samples: Sequence[Sample], seed: int, truth: GroundTruth | None = None) -> tuple[np.ndarray, int]:
+    """Sum of unit-sum MEAN_MAP_SIZE maps of (up to MEAN_MAP_MAX_IMAGES of) samples; read from `truth` when given."""
+    with_maps = [(k, s) for k, s in enumerate(samples) if s.map is not None]
     if len(with_maps) > MEAN_MAP_MAX_IMAGES:
         pick = np.random.default_rng(seed).choice(len(with_maps), MEAN_MAP_MAX_IMAGES, replace=False)
         with_maps = [with_maps[i] for i in sorted(pick)]
     total = np.zeros(MEAN_MAP_SIZE, np.float64)
-    for s in with_maps:
-        total += _unit_sum(resize_map(read_map(s.map), MEAN_MAP_SIZE))
+    for k, s in with_maps:
+        total += _unit_sum(resize_map(truth.gt_map(k) if truth is not None else read_map(s.map), MEAN_MAP_SIZE))
     return total, len(with_maps)
 
 

@@ -40,9 +40,8 @@ from hub.preprocess import tensor_to_maps
 from hub.publish import PublishError, export, push
 from hub.model import load_strict
 from hub.runtime import PRECISIONS, pick_device, precision_name, resolve_precision
-from train import metrics as M
-from train.data import DataError, SaliencyDataset, SizeBatchSampler, atomic_write_text, load_splits, read_map, scan, write_split
-from train.evaluate import ALL_METRICS, Scorer, format_table, summarize
+from train.data import DataError, SaliencyDataset, SizeBatchSampler, atomic_write_text, load_splits, scan, write_split
+from train.evaluate import ALL_METRICS, EPOCH_METRICS, Scorer, format_table, summarize
 from train.losses import DEFAULT_LOSS, SaliencyLoss
 
 log = logging.getLogger("train")
@@ -71,6 +70,7 @@ class TrainConfig:
     init_from: str | None = None
     val_fraction: float = 0.1
     select_metric: str = "kld"
+    full_metrics_every: int = 0
     # Defaults chosen by leave-one-dataset-out measurements (train on nus_scene, score on eyecrowd;
     # README, "What transfers"): flip averaging and a calibrated blur help or are neutral there; the
     # centre prior, aspect-true input, EMA and smaller crops fit the training collection better and
@@ -345,22 +345,34 @@ def evaluate(
     show: bool,
     precision: str = "auto",
     gather: bool = True,
+    full: bool = False,
 ) -> dict[str, Any]:
-    """Validation with the benchmark metrics at each image's original resolution.
+    """Validation against each image's original-resolution ground truth, prepared once in `scorer`.
 
     The forward runs on the loader's model-size tensors (resized by `hub.preprocess`, as in
-    `predict`), and maps go back to the original size through `hub.preprocess.tensor_to_maps`,
-    the same code `predict` uses. Each rank scores its shard; rows are gathered everywhere.
+    `predict`). By default (every epoch) the maps stay on the device and CC, KLD, NSS and SIM are
+    computed there in batches (`Scorer.score_batch`). With `full`, each map goes back to its
+    original size through `hub.preprocess.tensor_to_maps` (the code `predict` uses) and is scored
+    with every benchmark metric in numpy, as `python -m train.evaluate` does. Each rank scores its
+    shard; rows are gathered everywhere.
     """
     model.eval()
-    rows = []
+    if gather and dist.is_initialized():
+        # DDP broadcasts BatchNorm statistics from rank 0 at the start of a forward, so after the
+        # last training step each rank holds its own: validate with rank 0's, the saved weights.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    rows: list[dict[str, Any]] = []
+    low = resolve_precision(device, precision)
     for image, _, _, index in tqdm(loader, desc="validate", unit="batch", disable=not show, leave=False):
-        low = resolve_precision(device, precision)
         with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             pred = model.infer(image.to(device).contiguous(memory_format=torch.channels_last))
-        sizes = [scorer.sizes[int(i)] for i in index]
-        for i, m in zip(index.tolist(), tensor_to_maps(pred, sizes)):
-            rows.append(scorer.score(i, m))
+        indices = index.tolist()
+        if full:
+            maps = tensor_to_maps(pred, [scorer.sizes[i] for i in indices])
+            rows += [scorer.score(i, m) for i, m in zip(indices, maps)]
+        else:
+            rows += scorer.score_batch(pred, indices)
     if gather:  # each rank scored its shard; False where one rank scores every image alone
         rows = gather_rows(rows)
     return {"n_images": len(rows), **summarize(rows)}
@@ -409,8 +421,10 @@ def calibrate_blur(
 ) -> dict[str, Any]:
     """Pick the output blur (`BLUR_GRID`, a fraction of the map's longer side) that scores best on validation.
 
-    The exported best model is re-exported with it in its config.json (so `predict` applies it),
-    re-validated, and the returned `best` carries those scores and the grid. Chosen by the
+    The exported best model's validation maps are computed once and each blur is scored on the
+    device against the prepared ground truth (`Scorer.score_batch`). The model is re-exported with
+    the chosen blur in its config.json (so `predict` applies it) and validated with every metric
+    (`validate_best`); the returned `best` carries those scores and the grid. Chosen by the
     --select-metric where it is a map metric (cc, kld, sim), else by KLD.
     """
     model = SaliencyUNet.from_pretrained(out).to(device)
@@ -418,30 +432,43 @@ def calibrate_blur(
     loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, cfg.batch_size), num_workers=cfg.workers)
     preds, indices = [], []
     low = resolve_precision(device, cfg.precision)
+    model.eval()
     for image, _, _, index in loader:
         with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
-            preds.append(model.infer(image.to(device).contiguous(memory_format=torch.channels_last)).cpu())
+            preds.append(model.infer(image.to(device).contiguous(memory_format=torch.channels_last)))
         indices.append(index.tolist())
-    gts = {i: read_map(scorer.samples[i].map) for batch in indices for i in batch if scorer.samples[i].map is not None}
-    fn = {"cc": M.cc, "kld": M.kld, "sim": M.sim}[metric]
     grid: dict[float, float] = {}
     for blur in BLUR_GRID:
         values = []
         for pred, batch in zip(preds, indices):
-            blurred = gaussian_blur(pred, blur * max(pred.shape[-2:]))
-            for i, m in zip(batch, tensor_to_maps(blurred, [scorer.sizes[i] for i in batch])):
-                if i in gts:
-                    values.append(fn(m, gts[i]))
+            rows = scorer.score_batch(gaussian_blur(pred, blur * max(pred.shape[-2:])), batch, metrics=(metric,), baselines=False)
+            values += [r[metric] for r in rows if metric in r]
         grid[blur] = float(np.mean(values))
     chosen = min(grid, key=grid.get) if metric in LOWER_IS_BETTER else max(grid, key=grid.get)
     log.info("blur calibration (validation %s): %s -> blur %g", metric,
              ", ".join(f"{b:g}: {v:.4f}" for b, v in grid.items()), chosen)
     blurred_model = SaliencyUNet(replace(model.config, blur=chosen)).to(device)
     blurred_model.load_state_dict(model.state_dict())
+    best = {**best, "blur": chosen, "blur_grid": {f"{b:g}": v for b, v in grid.items()}, "blur_metric": metric}
+    return validate_best(out, val_set, scorer, device, cfg, best, n_train, blurred_model)
+
+
+@torch.no_grad()
+def validate_best(
+    out: Path, val_set: SaliencyDataset, scorer: Scorer, device: torch.device, cfg: TrainConfig, best: dict[str, Any],
+    n_train: int, model: SaliencyUNet | None = None,
+) -> dict[str, Any]:
+    """Score the exported best model (or `model`, then exported) with every benchmark metric; update the card.
+
+    Epochs are validated with the device metrics only (CC, KLD, NSS, SIM); the rank-based ones
+    (AUC-Judd, AUC-Borji, sAUC, IG) cost ~30 ms of CPU per 480x640 image, so they are computed
+    here, once, on the weights that are published. Runs on rank 0 alone, on every image.
+    """
+    model = model if model is not None else SaliencyUNet.from_pretrained(out).to(device)
     loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, cfg.batch_size), num_workers=cfg.workers)
-    val = evaluate(blurred_model, loader, scorer, device, show=False, precision=cfg.precision, gather=False)
-    best = {**best, "val": val, "score": val["metrics"].get(cfg.select_metric, best["score"]), "blur": chosen, "blur_grid": {f"{b:g}": v for b, v in grid.items()}, "blur_metric": metric}
-    export_model(blurred_model, cfg, out, best, n_train)
+    val = evaluate(model, loader, scorer, device, show=False, precision=cfg.precision, gather=False, full=True)
+    best = {**best, "val": val, "score": val["metrics"].get(cfg.select_metric, best["score"])}
+    export_model(model, cfg, out, best, n_train)
     write_metrics(out, json.loads((out / "metrics.json").read_text())["epochs"], best)
     return best
 
@@ -553,7 +580,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
              f" ({world} processes)" if world > 1 else "")
     train_set = SaliencyDataset(train_samples, cfg.input_size, augment=True, seed=cfg.seed, keep_aspect=cfg.keep_aspect,
                                 crop_scale=cfg.crop_scale)
-    val_set = SaliencyDataset(val_samples, cfg.input_size, augment=False, keep_aspect=cfg.keep_aspect)
+    val_set = SaliencyDataset(val_samples, cfg.input_size, augment=False, keep_aspect=cfg.keep_aspect, targets=False)
     # Batches of one model size each (one bucket unless --keep-aspect); shuffled by (seed, epoch), so a
     # resumed run replays the order; validation batches are split across ranks with no image repeated.
     train_sampler = SizeBatchSampler(train_set.sizes, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world,
@@ -576,7 +603,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    scorer = Scorer(val_samples, train_samples=train_samples, seed=cfg.seed)
+    scorer = Scorer(val_samples, train_samples=train_samples, seed=cfg.seed, load=[i for b in val_sampler for i in b])
 
     start_epoch, history, best, stale = 1, [], None, 0
     if checkpoint is not None:
@@ -594,8 +621,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     published = ema.module if ema is not None else model  # the weights that are validated and exported
     writer = tensorboard_writer(out) if main_rank else None
     show = main_rank and sys.stderr.isatty()
+    columns = ALL_METRICS if cfg.full_metrics_every else EPOCH_METRICS  # the rank-based ones are scored at the end
     if main_rank:
-        print(f"{'epoch':>5s} {'loss':>8s} {'img/s':>7s} " + " ".join(f"{k:>9s}" for k in ALL_METRICS), flush=True)
+        print(f"{'epoch':>5s} {'loss':>8s} {'img/s':>7s} " + " ".join(f"{k:>9s}" for k in columns), flush=True)
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_set.set_epoch(epoch)
@@ -607,7 +635,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 f"{err}; stopped. The last good checkpoint {checkpoint_path} is intact: lower --lr or check the data, "
                 "then run again with --resume."
             ) from None
-        val = evaluate(published, val_loader, scorer, device, show, cfg.precision)
+        val = evaluate(published, val_loader, scorer, device, show, cfg.precision,
+                       full=cfg.full_metrics_every > 0 and epoch % cfg.full_metrics_every == 0)
         record = {"epoch": epoch, "train_loss": stats["loss"], "img_per_s": stats["img_per_s"],
                   "lr": scheduler.get_last_lr()[-1], "val": val, "seconds": time.perf_counter() - started}
         history.append(record)
@@ -622,7 +651,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if main_rank:
             m = val["metrics"]
             print(f"{epoch:5d} {stats['loss']:8.4f} {stats['img_per_s']:7.1f} "
-                  + " ".join(f"{m.get(k, float('nan')):9.4f}" for k in ALL_METRICS) + (" *" if improved else ""), flush=True)
+                  + " ".join(f"{m[k]:9.4f}" if k in m else f"{'':9s}" for k in columns) + (" *" if improved else ""), flush=True)
             if writer is not None:
                 writer.add_scalar("train/loss", stats["loss"], epoch)
                 for k, v in m.items():
@@ -649,6 +678,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if main_rank and best is not None:
         if cfg.blur_value() is None:
             best = calibrate_blur(out, val_set, scorer, device, cfg, best, len(train_samples))
+        else:
+            best = validate_best(out, val_set, scorer, device, cfg, best, len(train_samples))
         print(f"best epoch {best['epoch']} ({cfg.select_metric} {best['score']:.4f}); validation:")
         print(format_table(best["val"]))
         if cfg.push_to_hub:
@@ -714,7 +745,10 @@ HELP = {
     "encoder_lr_mult": "the encoder's learning rate as a multiple of --lr; auto: 0.1 for a pretrained encoder, 1 for a random one",
     "init_from": "start from a published saliency model (folder or Hub repo id), e.g. SALICON weights to fine-tune on "
                  "MIT1003; its architecture must match --backbone/--center-prior",
-    "select_metric": "validation metric that picks the best epoch (kld: lower is better)",
+    "select_metric": "validation metric that picks the best epoch (kld: lower is better); one of cc, kld, nss, sim, "
+                     "which are scored every epoch",
+    "full_metrics_every": "also score the rank-based metrics (AUC-Judd, AUC-Borji, sAUC, IG) every N epochs (0: only on the "
+                          "best model at the end; they cost ~30 ms of CPU per 480x640 image)",
     "patience": "stop after this many epochs without improvement (0: never)",
     "resume": "continue from OUT/checkpoints/last.pt",
     "push_to_hub": "push OUT to this Hub model repo at the end",
@@ -752,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg.input_size  # noqa: B018 - validates --size early
         SaliencyLoss(cfg.loss)
+        if cfg.select_metric not in EPOCH_METRICS and cfg.full_metrics_every != 1:
+            raise ValueError(f"--select-metric {cfg.select_metric} is not scored every epoch; choose one of "
+                             f"{', '.join(EPOCH_METRICS)}, or add --full-metrics-every 1.")
         run(cfg)
     except (DataError, ValueError, NonFiniteLoss, RuntimeError, FileNotFoundError, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -29,8 +29,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from hub.cli import setup_logging
-from train.data import IMAGE_SUFFIXES, _by_stem, image_size
-from train.metrics import fixation_map_from_points, fixations_from_csv
+from train.data import IMAGE_SUFFIXES, _by_stem, fixation_map_from_points, fixations_from_csv, image_size
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,19 @@ Conventions shared by every numpy metric here:
   map minus its minimum is the zero map, which the benchmark scores 0), InfoGain treats it as
   the uniform distribution. KLD of a constant map is well defined (uniform) and computed.
 
+Reading fixations (CSV, ``.mat``, binary maps) and building fixation maps on an image's grid
+belong to the data, in ``train.data``; this module holds metrics (and the centre-prior baseline
+map) only.
+
 The ``*_torch`` functions are differentiable, batched versions of CC, KLD, NSS and SIM for
 training losses; they agree with the numpy functions on same-size inputs.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterable
-from pathlib import Path
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # MATLAB's ``eps`` (2^-52 = 2.2204e-16), used by KLdiv.m and InfoGain.m.
@@ -44,9 +45,6 @@ EPS: float = float(np.finfo(np.float64).eps)
 
 # AUC_Judd.m adds rand/1e7 to every pixel to break ties before normalising.
 JUDD_JITTER: float = 1e-7
-
-# An (N, 2) array of (x, y) 0-based points with the (H, W) of the image they were recorded on.
-PointsWithShape = tuple[np.ndarray, tuple[int, int]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +107,37 @@ def resize_bilinear(pred: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return arr
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))  # mode "F"
     return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float64)
+
+
+def resize_bilinear_torch(pred: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Torch counterpart of :func:`resize_bilinear` for a batch, on the tensor's device.
+
+    ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)``: pixel-centre
+    alignment, and when shrinking a triangle kernel widened by the scale factor with
+    out-of-range taps dropped, as Pillow does (PyTorch's antialiased kernels follow Pillow's).
+    Measured against :func:`resize_bilinear` at float32 rounding (tests/test_metrics.py).
+
+    Args:
+        pred: (B, h, w) or (B, 1, h, w) floating-point maps.
+        shape: target (H, W).
+
+    Returns:
+        (B, H, W) maps in pred's dtype (pred itself, squeezed, if already that size).
+    """
+    x = pred if pred.dim() == 4 else pred[:, None]
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"pred must be (B, h, w) or (B, 1, h, w), got {tuple(pred.shape)}.")
+    h, w = int(shape[0]), int(shape[1])
+    if tuple(x.shape[-2:]) == (h, w):
+        return x[:, 0]
+    out = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    # A constant map must stay exactly constant, so that the metrics' exact constancy test gives
+    # it the chance value: the antialiased weights sum to 1 only up to float rounding, and a
+    # shrunk constant map would otherwise come back with 1-ulp ripples that z-scoring blows up.
+    flat = x.flatten(1)
+    lo = flat.amin(dim=1)
+    const = (lo == flat.amax(dim=1)).view(-1, 1, 1, 1)
+    return torch.where(const, lo.view(-1, 1, 1, 1).to(out.dtype), out)[:, 0]
 
 
 def _pred_for(pred: np.ndarray, shape: tuple[int, int], name: str = "pred") -> np.ndarray:
@@ -363,14 +392,14 @@ def sauc(
     Like :func:`auc_borji`, but each split's negatives are
     ``min(n_fix, n_other)`` pixels drawn *without* replacement from the fixated pixels of
     ``other_fixation_map`` (the union of fixations on other images of the dataset, mapped to
-    this image's grid; see :func:`other_fixation_map`). Because the negatives share the
+    this image's grid; see ``train.data.other_fixation_map``). Because the negatives share the
     dataset's centre bias, a pure centre prior scores about 0.5.
 
     Args:
         pred: (h, w) prediction, resized to the fixation map's (H, W) if needed.
         fixation_map: (H, W) binary map of this image's fixations (pixels > 0).
         other_fixation_map: (H, W) binary map of other images' fixations (pixels > 0); must
-            have the fixation map's shape (build it with :func:`other_fixation_map`).
+            have the fixation map's shape (build it with ``train.data.other_fixation_map``).
         n_splits: number of random negative sets.
         step: threshold step on the [0, 1] scale.
         rng: numpy Generator or seed for the negatives.
@@ -431,7 +460,7 @@ def info_gain(pred: np.ndarray, fixation_map: np.ndarray, baseline: np.ndarray) 
 
 
 # --------------------------------------------------------------------------------------------
-# Baselines and fixation handling
+# Baselines
 # --------------------------------------------------------------------------------------------
 
 
@@ -462,137 +491,6 @@ def center_prior(shape: tuple[int, int], sigma_frac: float = 0.2) -> np.ndarray:
     y = (np.arange(h) - (h - 1) / 2.0) / (sigma_frac * h)
     x = (np.arange(w) - (w - 1) / 2.0) / (sigma_frac * w)
     return np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2))
-
-
-def fixations_from_csv(path: str | Path) -> dict[str, np.ndarray]:
-    """Read fixations from a ``fixations.csv`` with columns ``id, subject, x, y, ...``.
-
-    ``x`` and ``y`` in the file are 1-based sub-pixel coordinates (MATLAB convention); they
-    are returned 0-based, so pixel (row r, column c) covers x in [c - 0.5, c + 0.5). Image
-    sizes are not in the file; pass them alongside (see :func:`image_sizes`) to normalise.
-
-    Args:
-        path: the CSV file.
-
-    Returns:
-        {image id (string, leading zeros kept): (N, 2) float64 array of (x, y)}, all
-        observers pooled, in file order.
-    """
-    path = Path(path)
-    points: dict[str, list[tuple[float, float]]] = {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"id", "x", "y"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; expected id,x,y.")
-        for line_no, row in enumerate(reader, start=2):
-            try:
-                xy = (float(row["x"]) - 1.0, float(row["y"]) - 1.0)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}, line {line_no}: x/y are not numbers ({row['x']!r}, {row['y']!r})."
-                ) from None
-            points.setdefault(row["id"], []).append(xy)
-    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in points.items()}
-
-
-def fixation_map_from_points(
-    points: np.ndarray,
-    shape: tuple[int, int],
-    source_shape: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Binary fixation map from (x, y) points, optionally rescaled from another image size.
-
-    A point at 0-based (x, y) on a (h0, w0) image has normalised position
-    ((x + 0.5) / w0, (y + 0.5) / h0) in [0, 1); it lands on column floor(u * W) and row
-    floor(v * H) of the target, clamped to the grid. With ``source_shape`` = ``shape`` this is
-    round-half-up, the ``clamp(round(x), 1, W) - 1`` rule of the benchmark's MATLAB code.
-    Points are moved, never interpolated, so none is lost or smeared (several may merge into
-    one pixel when shrinking).
-
-    Args:
-        points: (N, 2) array of (x, y) in 0-based pixels of the source image.
-        shape: target (H, W).
-        source_shape: (h0, w0) the points refer to; defaults to ``shape``.
-
-    Returns:
-        (H, W) bool map, True at fixated pixels.
-    """
-    pts = np.asarray(points, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"points must be an (N, 2) array of (x, y), got shape {pts.shape}.")
-    h, w = int(shape[0]), int(shape[1])
-    h0, w0 = (h, w) if source_shape is None else (int(source_shape[0]), int(source_shape[1]))
-    if min(h, w, h0, w0) < 1:
-        raise ValueError(f"shapes must be positive, got shape={shape}, source={source_shape}.")
-    if not np.isfinite(pts).all():
-        raise ValueError("points contain NaN or infinite coordinates.")
-    cols = np.clip(np.floor((pts[:, 0] + 0.5) * (w / w0)), 0, w - 1).astype(np.intp)
-    rows = np.clip(np.floor((pts[:, 1] + 0.5) * (h / h0)), 0, h - 1).astype(np.intp)
-    out = np.zeros((h, w), dtype=bool)
-    out[rows, cols] = True
-    return out
-
-
-def other_fixation_map(
-    others: Iterable[np.ndarray | PointsWithShape],
-    shape: tuple[int, int],
-    rng: np.random.Generator | int | None = None,
-    max_images: int | None = None,
-) -> np.ndarray:
-    """Union of other images' fixations on this image's grid, the negatives of :func:`sauc`.
-
-    Each item of ``others`` is either a binary (h_i, w_i) fixation map (pixels > 0 are
-    fixations) or a tuple ``(points, (h_i, w_i))`` with (N, 2) (x, y) 0-based points, e.g.
-    from :func:`fixations_from_csv`. Each fixation is mapped by its normalised position onto
-    the (H, W) grid (see :func:`fixation_map_from_points`); binary maps are never
-    interpolated. Images of any size can be mixed.
-
-    Args:
-        others: fixations of the *other* images (exclude the image being scored).
-        shape: (H, W) of the image being scored.
-        rng: numpy Generator or seed, used only to pick ``max_images``.
-        max_images: if set, use a random subset of this many images (Borji et al. use 10).
-
-    Returns:
-        (H, W) bool map.
-    """
-    items = list(others)
-    if not items:
-        raise ValueError("others is empty; sAUC needs fixations from at least one other image.")
-    if max_images is not None:
-        if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}.")
-        if len(items) > max_images:
-            pick = np.random.default_rng(rng).choice(len(items), max_images, replace=False)
-            items = [items[i] for i in sorted(pick)]
-    out = np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
-    for item in items:
-        if isinstance(item, tuple):
-            pts, src_shape = item
-        else:
-            fmap = np.asarray(item)
-            if fmap.ndim != 2:
-                raise ValueError(f"a fixation map in others is not 2-D (shape {fmap.shape}).")
-            rows, cols = np.nonzero(fmap > 0)
-            pts, src_shape = np.stack([cols, rows], axis=1), fmap.shape
-        out |= fixation_map_from_points(pts, shape, src_shape)
-    return out
-
-
-def image_sizes(
-    image_dir: str | Path, ids: Iterable[str], suffix: str = ".png"
-) -> dict[str, tuple[int, int]]:
-    """(H, W) of ``image_dir/<id><suffix>`` for each id, read from the headers only.
-
-    Useful with :func:`fixations_from_csv` to build ``(points, (H, W))`` items for
-    :func:`other_fixation_map`.
-    """
-    sizes: dict[str, tuple[int, int]] = {}
-    for i in ids:
-        with Image.open(Path(image_dir) / f"{i}{suffix}") as im:
-            sizes[i] = (im.height, im.width)
-    return sizes
 
 
 # --------------------------------------------------------------------------------------------
