@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from app_process import ROOT, free_port, save_tiny_model, shared_app
+from test_analysis import blobs
 from PIL import Image
 
 from hub.publish import PublishError, push, space_files, space_readme
@@ -486,16 +487,6 @@ def test_batch_gives_a_gallery_and_one_zip_of_maps(handlers, tmp_path):
                 assert m.size == (w, h) and m.mode == "I;16"
         rows = list(csv.DictReader(io.StringIO(zf.read("summary.csv").decode())))
     assert [r["image"] for r in rows] == ["img0.png", "img1.png"] and 0 < float(rows[0]["top10_share"]) <= 1
-
-
-def blobs(h: int = 120, w: int = 160) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-
-    def g(cy, cx, s, a):
-        return a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-
-    m = g(40, 50, 10, 1.0) + g(80, 120, 15, 0.6)
-    return (m / m.max()).astype(np.float32)
 
 
 def test_blur_keeps_size_and_peak_and_outlines_are_drawn():

@@ -113,21 +113,3 @@ def format_table(report: dict[str, Any]) -> str:
         m, c = scores["model"], scores["center"]
         lines.append(f"{kind:8s}{m['n_boxes']:6d}{m['mae_pp']:16.2f}{m['cc']:10.3f}{c['mae_pp']:17.2f}{c['cc']:11.3f}")
     return "\n".join(lines) + "\n(MAE: mean absolute error of a box's share of attention, percentage points; lower is better)"
-
-
-def run_cli(model: Any, samples: Sequence[Sample], args: Any) -> int:
-    """`python -m train.evaluate --aoi`: score, print the table, write the JSON report to --out."""
-    import json
-
-    from train.data import atomic_write_text
-
-    report = {
-        "model": str(args.model),
-        "dataset": {"name": args.data.resolve().name, "path": str(args.data), "split": args.split},
-        **evaluate_aoi(model, samples, args.batch_size, args.precision),
-    }
-    print(format_table(report))
-    if args.out is not None:
-        atomic_write_text(args.out, json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
-    return 0

@@ -375,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise DataError(f"{len(bad)} images have neither a map nor fixations (e.g. {bad[:3]}); add maps/<id>.png.")
         model = SaliencyUNet.from_pretrained(args.model, revision=args.revision).to(pick_device(args.device))
-        if args.aoi:
-            from train.aoi import run_cli
+        if args.aoi:  # the areas-of-interest agreement instead of the map metrics
+            from train.aoi import evaluate_aoi
+            from train.aoi import format_table as table
 
-            return run_cli(model, samples, args)
-        report = evaluate_model(model, samples, train_samples, args.baseline, args.batch_size, args.save_maps, args.map_format, args.seed,
-                                progress=True, precision=args.precision)
+            report = evaluate_aoi(model, samples, args.batch_size, args.precision)
+        else:
+            table = format_table
+            report = evaluate_model(model, samples, train_samples, args.baseline, args.batch_size, args.save_maps, args.map_format,
+                                    args.seed, progress=True, precision=args.precision)
     except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": {"name": args.data.resolve().name, "path": str(args.data), "split": args.split},
         **report,
     }
-    print(format_table(report))
+    print(table(report))
     if args.out is not None:
         atomic_write_text(args.out, json.dumps(report, indent=1))
         print(f"wrote {args.out}")
