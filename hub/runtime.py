@@ -202,7 +202,7 @@ def _build_engine(model: nn.Module, plan: dict[str, torch.dtype], device: torch.
     engine = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
         fold_batchnorm(engine)
-        if device.type == "cpu" and not compile and _mkldnn_fusion_available():
+        if device.type == "cpu" and not compile and _mkldnn_fusion_available(set(plan.values())):
             # Under compile, inductor does this fusion itself (and pre-packs the weights).
             fuse_mkldnn(engine)
         names = list(plan)
@@ -297,11 +297,19 @@ def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
 # -- oneDNN fusion (CPU) ----------------------------------------------------------------------------
 
 
-def _mkldnn_fusion_available() -> bool:
+def _mkldnn_fusion_available(dtypes: set[torch.dtype] = frozenset()) -> bool:
+    """oneDNN's fused operators exist here, and run every dtype in `dtypes` on this CPU.
+
+    oneDNN's fp16 convolutions need AVX512-FP16 or AVX-NE-CONVERT (e.g. not an AVX512-BF16 AMD EPYC);
+    where they are missing, the engine keeps PyTorch's own convolutions, which run fp16 everywhere.
+    """
     ops = getattr(torch.ops, "mkldnn", None)
     names = ("_convolution_pointwise", "_convolution_transpose_pointwise", "_reorder_convolution_weight",
              "_reorder_convolution_transpose_weight")  # fmt: skip
-    return torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in names)
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in names)):
+        return False
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    return all(getattr(ops, checks[d], lambda: True)() for d in dtypes if d in checks)
 
 
 def fuse_mkldnn(module: nn.Module) -> None:

@@ -188,9 +188,25 @@ def test_fp32_engine_computes_the_model(model):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_fp16_engine_keeps_plain_convolutions_where_onednn_has_no_fp16(model, monkeypatch):
+    """oneDNN's fp16 convolutions need AVX512-FP16 or AVX-NE-CONVERT (an AVX512-BF16 AMD EPYC has neither):
+    there the fp16 engine must not hand them fp16 tensors (it raised), and still predicts."""
+    if not rt._mkldnn_fusion_available():
+        pytest.skip("this torch build has no oneDNN fusion operators")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False, raising=False)
+    engine = rt.inference_engine(model, "fp16")
+    assert rt._FusedConv not in {type(m) for m in engine.modules()}
+    assert rt._FusedConv in {type(m) for m in rt.inference_engine(model, "fp32").modules()}
+    x = torch.rand(1, 3, 64, 96)
+    with torch.inference_mode():
+        got, expected = engine(x), rt.inference_engine(model, "fp32")(x)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert np.corrcoef(got.ravel().numpy(), expected.ravel().numpy())[0, 1] > 0.95
+
+
 def test_engine_without_onednn_fusion_folds_and_casts_only(model, monkeypatch):
     """The engine CUDA (and a CPU build without oneDNN) gets: BN folded, stages cast, plain convolutions."""
-    monkeypatch.setattr(rt, "_mkldnn_fusion_available", lambda: False)
+    monkeypatch.setattr(rt, "_mkldnn_fusion_available", lambda dtypes=(): False)
     engine = rt.inference_engine(model, "bf16")
     kinds = {type(m) for m in engine.modules()}
     assert nn.Conv2d in kinds and nn.ConvTranspose2d in kinds
