@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from bench.common import cc, cpu_summary, load_model, natural_images, synchronize
+from hub.cli import print_error
 from hub.config import parse_size
 from hub.preprocess import images_to_tensor
 from hub.runtime import inference_engine, native_bf16, native_fp16, pick_device, precision_name
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pick_device(args.device)
     except RuntimeError as err:  # --device cuda on a machine without a GPU
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
     records = run_options(args) if args.options else run(args)
     if args.json:

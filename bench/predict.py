@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench.common import ROOT, cpu_summary, load_model
 from hub.batch import collect_inputs, run_batch, save_map
+from hub.cli import print_error
 from hub.runtime import pick_device
 
 DATA = ROOT.parent / "shared" / "data" / "nus_scene"
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     images = args.data / "images"
     if not images.is_dir():
-        print(f"error: {images} does not exist; pass --data, a folder with an images/ subfolder.", file=sys.stderr)
+        print_error(f"{images} does not exist; pass --data, a folder with an images/ subfolder.")
         return 2
     jobs = collect_inputs([str(images)])[: args.limit]
     device = pick_device(args.device)

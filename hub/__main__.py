@@ -10,7 +10,7 @@ import sys
 
 from huggingface_hub import SpaceHardware
 
-from hub.cli import setup_logging
+from hub.cli import print_error, setup_logging
 from hub.config import parse_size
 from hub.preprocess import COLORMAPS
 from hub.publish import PublishError, push, push_space
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = export_onnx(args.directory, args.out, size=args.size, opset=args.opset, dynamic=args.dynamic)
             except (OnnxExportError, FileNotFoundError, ValueError) as err:
-                print(f"error: {err}", file=sys.stderr)
+                print_error(err)
                 return 1
             print(f"{result.path}: checked with onnxruntime on inputs {result.checked_shapes}; "
                   f"max abs difference vs PyTorch {result.max_abs_diff:.2e}")  # fmt: skip
     except PublishError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 1
     return 0
 

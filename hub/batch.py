@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hub.analysis import top_share
+from hub.cli import print_error
 from hub.preprocess import COLORMAPS, load_image, map_to_image, overlay
 from hub.publish import atomic_write
 
@@ -342,7 +343,7 @@ def main(args: Any) -> int:
         jobs = collect_inputs(args.inputs, recursive=args.recursive, exclude=out)
         device = pick_device(args.device)
     except (InputError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -353,8 +354,8 @@ def main(args: Any) -> int:
         try:
             model = SaliencyUNet.from_pretrained(args.model, revision=args.revision).to(device)
         except Exception as err:  # a missing folder or file, an unknown repo, no network: all say the same
-            print(f"error: could not load the model {args.model} ({err}); pass a folder written by "
-                  "`python -m train` / save_pretrained or a Hub repo id.", file=sys.stderr)  # fmt: skip
+            print_error(f"could not load the model {args.model} ({err}); pass a folder written by "
+                        "`python -m train` / save_pretrained or a Hub repo id.")
             return 2
         if world > 1:
             log.info("rank %d of %d: %d of %d images on %s", rank, world, len(jobs[rank::world]), len(jobs), device)
@@ -369,8 +370,8 @@ def main(args: Any) -> int:
                   f"to continue ({out}).", file=sys.stderr)  # fmt: skip
             return 130
         except OSError as err:  # a full disk, a read-only folder: the outputs cannot be written
-            print(f"error: could not write the outputs in {out} ({err}); free space or pick another --out, "
-                  "then rerun with --skip-existing.", file=sys.stderr)  # fmt: skip
+            print_error(f"could not write the outputs in {out} ({err}); free space or pick another --out, "
+                        "then rerun with --skip-existing.")
             return 1
         failures, written, skipped = result.failures, result.written, result.skipped
         if world > 1:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hub.cli import setup_logging
+from hub.cli import print_error, setup_logging
 from hub.preprocess import map_to_image, resize_map
 from hub.runtime import PRECISIONS
 from train import metrics as M
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate_model(model, samples, train_samples, args.baseline, args.batch_size, args.save_maps, args.map_format,
                                     args.seed, progress=True, precision=args.precision)
     except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 1
     report = {
         "model": str(args.model),

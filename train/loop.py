@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hub import SaliencyConfig, SaliencyUNet
-from hub.cli import setup_logging
+from hub.cli import print_error, setup_logging
 from hub.config import STAGES, parse_size
 from hub.model import gaussian_blur
 from hub.preprocess import tensor_to_maps
@@ -791,6 +791,6 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(EPOCH_METRICS)}, or add --full-metrics-every 1.")
         run(cfg)
     except (DataError, ValueError, NonFiniteLoss, RuntimeError, FileNotFoundError, PublishError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 1
     return 0

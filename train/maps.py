@@ -28,7 +28,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from hub.cli import setup_logging
+from hub.cli import print_error, setup_logging
 from train.data import IMAGE_SUFFIXES, _by_stem, fixation_map_from_points, fixations_from_csv, image_size
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--sigma {args.sigma} must be a positive number of pixels or 'auto'.")
         n = build_maps(args.images, args.fixations, args.out, sigma)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 1
     print(f"wrote maps and fixations for {n} images to {args.out}")
     return 0
