@@ -14,13 +14,16 @@ Paths (all at the same input resolution, on the same preprocessed batch of natur
 - bf16, fp16, fp32: the same engine in that precision (`predict(..., precision=...)`), to compare
              precisions side by side, with each one's fidelity against the fp32 reference;
 - compiled:  the same engine under `torch.compile` with inductor freezing (`predict(..., compile=True)`);
-             its one-off compile time is printed.
+             its one-off compile time is printed;
+- int8:      the model's int8 form (`hub.int8`, ONNX Runtime), `predict(..., precision="int8")`: the
+             model's own model.int8.onnx when it has a fresh one, else one built here (calibrated on 32
+             photos, checked on 16 others; the build time is printed).
 
-Each round times every path once, then a large fp32 and a bf16 matmul, in turn, so all of them
+Each round times every path once, then a large fp32, bf16 and int8 matmul, in turn, so all of them
 see the same machine load (on a shared machine the load average is printed). Reported per path:
 median / min / max ms per image, images/s, achieved GFLOP/s (FLOPs of one forward pass counted by
-torch's FlopCounterMode), that as a fraction of the fp32 and bf16 matmul GFLOP/s of the same
-rounds, the speedup (reference median / path median) and the fidelity: the lowest CC over the
+torch's FlopCounterMode), that as a fraction of the fp32, bf16 and int8 (`torch._int_mm`) matmul
+rates of the same rounds, the speedup (reference median / path median) and the fidelity: the lowest CC over the
 batch between the path's map and the reference's fp32 map. Beside it, the model's own
 sensitivity: the lowest CC between the fp32 maps of the batch and of the same batch with
 +-half a grey level of noise added. An untrained model (the default stand-in) scores low there,
@@ -46,10 +49,10 @@ from bench.common import cc, cpu_summary, load_model, natural_images, synchroniz
 from hub.cli import print_error
 from hub.config import parse_size
 from hub.preprocess import images_to_tensor
-from hub.runtime import inference_engine, native_bf16, native_fp16, pick_device, precision_name
+from hub.runtime import engine_precision, inference_engine, native_bf16, native_fp16, native_int8, pick_device
 
-PATHS = ("reference", "default", "bf16", "fp16", "fp32", "compiled")
-FORCED = ("bf16", "fp16", "fp32")  # the predict() engine in that precision, whatever "auto" picks here
+PATHS = ("reference", "default", "bf16", "fp16", "fp32", "int8", "compiled")
+FORCED = ("bf16", "fp16", "fp32", "int8")  # the predict() engine in that precision, whatever "auto" picks here
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_ints, default=[1, 8], help="batch sizes, e.g. 1,8")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--paths", type=parse_paths, default=["reference", "default"],
-                   help="reference,default[,bf16,fp16,fp32,compiled] (compiled: 20-40 s of compiling per shape on a CPU)")  # fmt: skip
+                   help="reference,default[,bf16,fp16,fp32,int8,compiled] (compiled: 20-40 s of compiling per shape "
+                        "on a CPU; int8: CPU only, built in about a minute when the model has no model.int8.onnx)")  # fmt: skip
     p.add_argument("--model", default=None, help="trained model folder or Hub repo id (default: random-init stand-in)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 7 on CPU, 30 on CUDA)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per path before timing")
@@ -163,11 +167,31 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def matmul_fn(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], Any], float]:
-    """A square matmul big enough to reach the machine's GEMM throughput, and its FLOPs."""
+    """A square matmul big enough to reach the machine's GEMM throughput, and its FLOPs (int8: `torch._int_mm`)."""
     n = 8192 if device.type == "cuda" else 2048
+    if dtype == torch.int8:
+        a = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        return (lambda: torch._int_mm(a, b)), 2.0 * n**3
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return (lambda: torch.mm(a, b)), 2.0 * n**3
+
+
+def ensure_int8(model: torch.nn.Module, tmp: Path) -> str:
+    """Make `model` runnable at precision int8: its own fresh model.int8.onnx, or one built here in `tmp`."""
+    from hub.int8 import INT8_NAME, build_int8, set_source
+    from hub.runtime import int8_status
+
+    status = int8_status(model)
+    if status.usable:
+        return f"int8: the model's own {status.path}"
+    photos, _ = natural_images(48)
+    result = build_int8(model, photos[::3][:16] + photos[1::3][:16], tmp / INT8_NAME, check=photos[2::3][:16])
+    set_source(model, lambda: result.path)
+    model.__dict__.pop("_int8_status", None)
+    return (f"int8: built here in {result.seconds:.0f} s ({status.reason}); CC against fp32 on 16 other photos: "
+            f"min {result.fidelity_min_cc:.4f}, median {result.fidelity_median_cc:.4f}")
 
 
 def count_flops(model: torch.nn.Module, size: tuple[int, int], device: torch.device) -> float:
@@ -193,7 +217,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     repeat = args.repeat or (30 if device.type == "cuda" else 7)
     model, what = load_model(args.model, device)
-    plan = precision_name(device, "auto")
+    int8_note = None
+    if "int8" in args.paths:
+        import tempfile
+
+        int8_dir = tempfile.TemporaryDirectory(prefix="bench-int8-")
+        int8_note = ensure_int8(model, Path(int8_dir.name))
+    plan = engine_precision(model, "auto")
     if plan != "fp32" and args.fp32_stages:
         plan += f", {'+'.join(args.fp32_stages)} in fp32"
     print(f"torch {torch.__version__}; device {device}"
@@ -201,22 +231,28 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"CPU: {cpu_summary()}")
     print(f"model: {what}")
     print(f"default path precision: {plan} (native bf16 on {device.type}: {native_bf16(device)}, "
-          f"native fp16: {native_fp16(device)})")
+          f"native fp16: {native_fp16(device)}, int8 dot products: {native_int8(device)})")
+    if int8_note:
+        print(int8_note)
     images, source = natural_images(max(args.batch))
     print(f"inputs: {source}; {repeat} timed rounds per shape after {args.warmup} warm-up calls per path\n")
 
-    mm = {name: matmul_fn(device, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    mm = {name: matmul_fn(device, dtype) for name, dtype in
+          (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8))}  # fmt: skip
     for fn, _ in mm.values():
         fn()
     engines: dict[str, torch.nn.Module] = {}
+    def stages(precision: str) -> tuple[str, ...]:  # the int8 graph has no stages to keep in fp32
+        return () if engine_precision(model, precision) == "int8" else args.fp32_stages
+
     if "default" in args.paths:
-        engines["default"] = inference_engine(model, "auto", fp32_stages=args.fp32_stages)
+        engines["default"] = inference_engine(model, "auto", fp32_stages=stages("auto"))
     for name in FORCED:
         if name in args.paths:
-            engines[name] = inference_engine(model, name, fp32_stages=args.fp32_stages)
+            engines[name] = inference_engine(model, name, fp32_stages=stages(name))
     records: list[dict[str, Any]] = []
     header = (f"{'size':>8} {'batch':>5} {'path':>9} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'img/s':>7} "
-              f"{'GFLOP/s':>7} {'%mm32':>6} {'%mm16':>6} | {'speedup':>7} {'CC':>8}")  # fmt: skip
+              f"{'GFLOP/s':>7} {'%mm32':>6} {'%mm16':>6} {'%mm8':>6} | {'speedup':>7} {'CC':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for size in args.sizes:
@@ -270,6 +306,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "gflops_per_s": round(gflops, 2),
                     "matmul_fp32_gflops_per_s": round(mm_gflops["fp32"], 1),
                     "matmul_bf16_gflops_per_s": round(mm_gflops["bf16"], 1),
+                    "matmul_int8_gops_per_s": round(mm_gflops["int8"], 1),
+                    "frac_matmul_int8": round(gflops / mm_gflops["int8"], 4),
                     "frac_matmul_fp32": round(gflops / mm_gflops["fp32"], 4),
                     "frac_matmul_bf16": round(gflops / mm_gflops["bf16"], 4),
                     "fidelity_cc": round(fidelity, 6),
@@ -284,9 +322,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 records.append(rec)
                 print(f"{rec['size']:>8} {batch:>5} {path:>9} | {med:>10.1f} {min(ms):>7.1f} {max(ms):>7.1f} | "
                       f"{rec['img_per_s']:>7.2f} {gflops:>7.1f} {100 * rec['frac_matmul_fp32']:>5.0f}% "
-                      f"{100 * rec['frac_matmul_bf16']:>5.0f}% | {rec['speedup']:>6.2f}x {fidelity:>8.5f}")  # fmt: skip
+                      f"{100 * rec['frac_matmul_bf16']:>5.0f}% {100 * rec['frac_matmul_int8']:>5.0f}% | "
+                      f"{rec['speedup']:>6.2f}x {fidelity:>8.5f}")  # fmt: skip
             print(f"{'':>8} {'':>5} {'matmul':>9} | fp32 {mm_gflops['fp32']:.0f} GFLOP/s, bf16 {mm_gflops['bf16']:.0f} "
-                  f"GFLOP/s (same rounds); {flops / 1e9:.1f} GFLOP per image; model sensitivity CC {sensitivity:.5f}"
+                  f"GFLOP/s, int8 {mm_gflops['int8']:.0f} GOP/s (same rounds); {flops / 1e9:.1f} GFLOP per image; model sensitivity CC {sensitivity:.5f}"
                   + (f"; compile took {compile_s:.1f} s" if compile_s is not None else ""))  # fmt: skip
     print(f"\nload average at the end: {cpu_summary().rsplit('load average ', 1)[1]}")
     return records

@@ -1,6 +1,7 @@
 """`python -m hub push DIR REPO_ID ...`: publish an exported model folder.
 `python -m hub space SPACE_ID --model REPO_ID ...`: deploy the demo as a Gradio Space.
 `python -m hub export-onnx DIR [--out FILE] ...`: write DIR/model.onnx, checked against PyTorch.
+`python -m hub export-int8 DIR --calibration PHOTOS...`: write DIR/model.int8.onnx for int8 CPU inference.
 `python -m hub predict INPUT... --model DIR_OR_REPO_ID --out DIR`: maps for files, folders and globs."""
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--size", default=None, type=_size, help="input HxW (default: the model's input_size)")
     o.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
     o.add_argument("--dynamic", action="store_true", help="free batch, height and width (multiples of 32)")
+    q = sub.add_parser("export-int8", help="write DIR/model.int8.onnx: the model quantized to int8 for CPUs, "
+                                           "calibrated on real photos and checked against fp32")  # fmt: skip
+    q.add_argument("directory", help="folder written by save_pretrained or `python -m train --out`")
+    q.add_argument("--calibration", nargs="+", required=True, metavar="PHOTOS",
+                   help="image files, folders or globs of real photos (e.g. the training images); a seeded "
+                        "draw of them calibrates, others check the fidelity")  # fmt: skip
+    q.add_argument("--limit", type=int, default=64, help="photos that calibrate (default 64)")
+    q.add_argument("--check", type=int, default=64,
+                   help="other photos on which the fidelity (CC against fp32) is measured (default 64)")  # fmt: skip
+    q.add_argument("--out", default=None, help="output file (default: DIRECTORY/model.int8.onnx)")
     b = sub.add_parser("predict", help="saliency maps for image files, folders and globs (torchrun splits them across processes)",
                        description=batch_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns (quote them: 'photos/*.jpg')")
@@ -108,9 +119,39 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"{result.path}: checked with onnxruntime on inputs {result.checked_shapes}; "
                   f"max abs difference vs PyTorch {result.max_abs_diff:.2e}")  # fmt: skip
+        elif args.command == "export-int8":
+            return export_int8_main(args)
     except PublishError as err:
         print_error(err)
         return 1
+    return 0
+
+
+def export_int8_main(args: argparse.Namespace) -> int:
+    import random
+    from pathlib import Path
+
+    from hub import SaliencyUNet
+    from hub.batch import InputError, collect_inputs
+    from hub.int8 import INT8_NAME, MIN_FIDELITY, Int8Error, build_int8
+
+    try:
+        if args.limit < 1 or args.check < 0:
+            raise ValueError(f"--limit must be at least 1 and --check at least 0, not {args.limit} and {args.check}.")
+        photos = [job.source for job in collect_inputs(args.calibration, recursive=True)]
+        random.Random(0).shuffle(photos)  # a varied draw, the same every time
+        calibration, check = photos[: args.limit], photos[args.limit : args.limit + args.check]
+        model = SaliencyUNet.from_pretrained(args.directory)
+        out = Path(args.out) if args.out else Path(args.directory) / INT8_NAME
+        result = build_int8(model, calibration, out, check=check)
+    except (InputError, Int8Error, FileNotFoundError, ValueError) as err:
+        print_error(err)
+        return 1
+    verdict = ("faithful: precision auto uses it on CPUs without native bf16" if result.fidelity_min_cc >= MIN_FIDELITY
+               else f"below CC {MIN_FIDELITY}: only precision='int8' uses it, auto keeps fp32")  # fmt: skip
+    print(f"{result.path}: built in {result.seconds:.0f} s from {result.calibration_images} calibration photos; "
+          f"CC against fp32 on {result.check_images} other photos: min {result.fidelity_min_cc:.4f}, "
+          f"median {result.fidelity_median_cc:.4f} ({verdict})")  # fmt: skip
     return 0
 
 

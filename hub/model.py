@@ -266,9 +266,11 @@ class SaliencyUNet(
         image: a file path, a PIL.Image or an H x W x 3 uint8 RGB array (any size or mode), or a
             list of them (batched internally by `batch_size`).
         precision: "auto" (bf16 where the hardware does it natively: CUDA compute capability
-            >= 8.0, CPUs with AVX512-BF16/AMX; fp16 on CUDA 7.x such as a T4 or V100; fp32
-            otherwise), or "bf16", "fp16", "fp32" (forced, slow where emulated);
-            `hub.runtime.precision_name(model.device)` says what "auto" is here.
+            >= 8.0, CPUs with AVX512-BF16/AMX; fp16 on CUDA 7.x such as a T4 or V100; on other
+            CPUs int8 where the model has a faithful int8 form and the CPU int8 dot products,
+            else fp32), or "bf16", "fp16", "fp32", "int8" (forced, slow where emulated; int8
+            needs the model's `model.int8.onnx`, see `hub.int8`);
+            `hub.runtime.engine_precision(model)` says what "auto" is here.
         compile: run a `torch.compile`d engine (inductor with frozen weights). The first call
             for each new batch size compiles (20-35 s on a 2-core CPU); only worth it where
             `python -m bench.infer --paths reference,default,compiled` shows a gain (none on an
@@ -384,6 +386,21 @@ class SaliencyUNet(
         load_strict(model, state, source=weights, strict=strict)
         model.to(map_location)
         model.eval()
+        # The int8 form (hub.int8) beside the weights, looked for (and downloaded) only when needed.
+        from hub import int8
+
+        if os.path.isdir(model_id):
+            local = os.path.join(model_id, int8.INT8_NAME)
+            int8.set_source(model, lambda: local if os.path.isfile(local) else None)
+        else:
+            def fetch() -> str | None:
+                try:
+                    return hf_hub_download(repo_id=model_id, filename=int8.INT8_NAME, revision=revision,
+                                           cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+                except EntryNotFoundError:
+                    return None
+
+            int8.set_source(model, fetch)
         return model
 
 

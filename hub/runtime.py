@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import threading
@@ -49,7 +50,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what training runs in (autocast)
+# What inference can run in: int8 is the model's quantized form (`hub.int8`), CPU only.
+PREDICT_PRECISIONS = (*PRECISIONS, "int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -77,6 +80,23 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def native_int8(device: torch.device) -> bool:
+    """True on CPUs with int8 dot-product instructions: x86 VNNI (AVX512-VNNI, AVX-VNNI) or AMX, ARM's dot product."""
+    return device.type == "cpu" and _cpu_int8_dot()
+
+
+@functools.cache
+def _cpu_int8_dot() -> bool:
+    cpu = torch.cpu
+    if any(getattr(cpu, name, lambda: False)() for name in ("_is_vnni_supported", "_is_amx_tile_supported")):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:  # ARM (Graviton, Ampere): "asimddp" among the Features
+            return any(line.startswith("Features") and " asimddp" in line for line in f)
+    except OSError:
+        return False
+
+
 def native_fp16(device: torch.device) -> bool:
     """True where fp16 is the fast path and bf16 is not: CUDA compute capability 7.x (V100, T4) has fp16 tensor cores."""
     return device.type == "cuda" and (7, 0) <= torch.cuda.get_device_capability(device) < (8, 0)
@@ -85,11 +105,14 @@ def native_fp16(device: torch.device) -> bool:
 def precision_name(device: torch.device, precision: str = "auto") -> str:
     """What `precision` means on `device`: "bf16", "fp16" or "fp32" (the name printed, logged and shown).
 
-    "auto": bf16 where `native_bf16`, fp16 where `native_fp16`, fp32 otherwise. A named precision
-    is used as asked, even where it is emulated and slow.
+    "auto": bf16 where `native_bf16`, fp16 where `native_fp16`, fp32 otherwise (for one model,
+    `engine_precision` may pick int8 instead of fp32). A named precision is used as asked, even
+    where it is emulated and slow; "int8" runs on the CPU only.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
+    if precision not in PREDICT_PRECISIONS:
+        raise ValueError(f"precision must be one of {PREDICT_PRECISIONS}, not {precision!r}.")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision int8 runs on the CPU only, not on {device.type}; use auto, bf16 or fp16 there.")
     if precision != "auto":
         return precision
     if native_bf16(device):
@@ -99,7 +122,36 @@ def precision_name(device: torch.device, precision: str = "auto") -> str:
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The low-precision dtype `precision` runs with on `device` (bf16 or fp16), or None for plain fp32."""
-    return _DTYPES[precision_name(device, precision)]
+    name = precision_name(device, precision)
+    if name == "int8":
+        raise ValueError("int8 is an inference precision (the quantized model of hub.int8), not one to train or autocast in.")
+    return _DTYPES[name]
+
+
+def engine_precision(model: nn.Module, precision: str = "auto") -> str:
+    """What `predict(precision=...)` runs for this model where it is: "bf16", "fp16", "fp32" or "int8".
+
+    As `precision_name`, except that "auto" on a CPU without native bf16 but with int8 dot products
+    (`native_int8`) runs the model's int8 form when it has a fresh one measured faithful at export
+    (`hub.int8.int8_status`); otherwise fp32.
+    """
+    device = next(model.parameters()).device
+    name = precision_name(device, precision)
+    if precision == "auto" and name == "fp32" and native_int8(device) and int8_status(model).faithful:
+        return "int8"
+    return name
+
+
+def int8_status(model: nn.Module) -> Any:
+    """`hub.int8.int8_status`, cached while the model's weights are unchanged (it reads the file's metadata)."""
+    from hub import int8
+
+    stamp = _weights_stamp(model)
+    cached = model.__dict__.get("_int8_status")
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, int8.int8_status(model))
+        model.__dict__["_int8_status"] = cached
+    return cached[1]
 
 
 def precision_plan(
@@ -151,12 +203,18 @@ def inference_engine(
         docstring for when that helps and what it costs.
     """
     device = next(model.parameters()).device
-    plan = precision_plan(model, device, precision, fp32_stages)
-    key = (device, tuple((name, str(dtype)) for name, dtype in plan.items()), bool(compile))
     cache = model.__dict__.get("_engine_cache")
     if cache is None:
         cache = _EngineCache()
         model.__dict__["_engine_cache"] = cache  # a plain attribute: never in state_dict or parameters
+    if engine_precision(model, precision) == "int8":
+        from hub.int8 import int8_engine
+
+        if compile or fp32_stages:
+            raise ValueError("precision int8 runs the quantized ONNX model: compile and fp32_stages do not apply.")
+        return cache.get(model, (device, "int8"), lambda: int8_engine(model))
+    plan = precision_plan(model, device, precision, fp32_stages)
+    key = (device, tuple((name, str(dtype)) for name, dtype in plan.items()), bool(compile))
     return cache.get(model, key, lambda: _build_engine(model, plan, device, compile))
 
 

@@ -204,7 +204,7 @@ class ModelStore:
         return maps, time.perf_counter() - start
 
     def device_label(self) -> str:
-        """E.g. "CPU · fp32" or "CUDA (NVIDIA H200) · bf16"; needs no loaded model, touches no CUDA on ZeroGPU."""
+        """E.g. "CPU · int8" or "CUDA (NVIDIA H200) · bf16"; needs no loaded model, touches no CUDA on ZeroGPU."""
         from hub.runtime import precision_name
 
         import torch
@@ -216,6 +216,10 @@ class ModelStore:
         if self.device.type == "cuda":
             with contextlib.suppress(Exception):
                 name = f"CUDA ({torch.cuda.get_device_name(self.device)})"
+        if self._model is not None and not self.zero_gpu:
+            from hub.runtime import engine_precision
+
+            return f"{name} · {engine_precision(self._model)}"  # int8 where this model's int8 form runs
         return f"{name} · {precision_name(self.device)}"
 
     def warm_up(self) -> threading.Thread:
