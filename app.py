@@ -3,7 +3,8 @@
     python app.py --model me/saliency-unet            # or a folder written by save_pretrained
     MODEL_ID=me/saliency-unet python app.py            # how a Space is configured
 
-Options: --revision REV (MODEL_REVISION), --device auto|cpu|cuda, --host H, --port P, --share.
+Options: --revision REV (MODEL_REVISION), --device auto|cpu|cuda (DEVICE), --precision auto|bf16|fp16|fp32|int8
+(PRECISION), --host H, --port P, --share.
 The UI lives in space/; this file only reads the settings and launches it.
 """
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default=os.environ.get("DEVICE", "auto"), choices=("auto", "cpu", "cuda"), help="(default: $DEVICE or auto)"
     )
+    parser.add_argument(
+        "--precision", default=os.environ.get("PRECISION", "auto"), choices=("auto", "bf16", "fp16", "fp32", "int8"),
+        help="as predict(precision=...): auto is bf16/fp16 where native, int8 on other CPUs when the model has a "
+             "faithful model.int8.onnx, else fp32 (default: $PRECISION or auto)",
+    )  # fmt: skip
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also ask gradio for a temporary public share link")
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from space.serving import ModelSpec, ModelStore
 
     try:
-        store = ModelStore(ModelSpec(args.model, args.revision, args.device))
+        store = ModelStore(ModelSpec(args.model, args.revision, args.device, args.precision))
     except RuntimeError as err:  # e.g. --device cuda without a GPU
         parser.error(str(err))
     store.warm_up()

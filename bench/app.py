@@ -3,6 +3,7 @@
     python -m bench.app                       # a random-init full-size model (ResNet50, 288 x 384)
     python -m bench.app --model DIR_OR_REPO   # a trained one
     python -m bench.app --no-browser          # skip the chromium measurement
+    python -m bench.app --model DIR --precision int8   # the app's --precision (e.g. fp32 vs int8 on one CPU)
 
 Starts `python app.py` in a subprocess on 127.0.0.1 and prints:
 - cold start: process start -> first page served (HTTP 200 on /), and -> first /predict answered;
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.app", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder or Hub repo id (default: random-init, full size)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--precision", default="auto", help="the app's --precision: auto, bf16, fp16, fp32 or int8")
     parser.add_argument("--no-browser", action="store_true")
     parser.add_argument("--no-large", action="store_true", help="skip the 12000 x 12000 image")
     args = parser.parse_args(argv)
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         log = open(tmp_dir / "app.log", "wb")
         start = time.perf_counter()
         app = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, str(ROOT / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port),
+             "--precision", args.precision],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"model: {args.model or 'random-init ResNet50 U-Net, input 288 x 384'}; CPU threads: {torch.get_num_threads()}; "
-          f"{os.cpu_count()} cores; torch {torch.__version__}")  # fmt: skip
+          f"{os.cpu_count()} cores; torch {torch.__version__}; --precision {args.precision}")  # fmt: skip
     print(f"cold start, process start -> first page served: {cold_page:.2f} s")
     print(f"cold start, process start -> first /predict answered: {cold_predict:.2f} s")
     print(f"API /predict, 640 x 480 JPEG via gradio_client (upload, inference, PNGs, download): {summary(api)}")

@@ -138,7 +138,8 @@ def export_int8_main(args: argparse.Namespace) -> int:
     try:
         if args.limit < 1 or args.check < 0:
             raise ValueError(f"--limit must be at least 1 and --check at least 0, not {args.limit} and {args.check}.")
-        photos = [job.source for job in collect_inputs(args.calibration, recursive=True)]
+        # One input at a time: two folders may hold files of the same name (no outputs are named after them here).
+        photos = sorted({job.source for text in args.calibration for job in collect_inputs([text], recursive=True)})
         random.Random(0).shuffle(photos)  # a varied draw, the same every time
         calibration, check = photos[: args.limit], photos[args.limit : args.limit + args.check]
         model = SaliencyUNet.from_pretrained(args.directory)

@@ -115,6 +115,9 @@ It runs at {{ config.input_size[0] }} x {{ config.input_size[1] }} pixels and re
 {% if config.flip_tta %}The map is the mean of the image's and its mirror image's maps (test-time flip averaging). {% endif %}
 {%- if config.blur %}A Gaussian blur of sigma {{ config.blur }} x the map's longer side, calibrated on validation data, is applied to the output. {% endif %}
 ImageNet mean/std normalisation happens inside the model, so a raw forward pass takes RGB in [0, 1].
+It runs in bf16 or fp16 where the hardware does natively; on other CPUs with int8 dot products
+(VNNI) it runs the int8 `model.int8.onnx` when this repo holds one made from these weights
+(`python -m hub export-int8`, needs `pip install onnxruntime` to run), else fp32.
 
 ## Architecture
 

@@ -6,7 +6,7 @@ CPUs without native bf16 (older Xeons, AMD Zen 2/3, many cloud and free Space CP
 dot products (AVX512-VNNI, AVX-VNNI, ARM dot-product) at several times their fp32 rate. This
 module makes the model's int8 form with a maintained toolchain, ONNX Runtime's static
 quantization (QDQ format): weights int8 with one scale per output channel, activations uint8
-with ranges calibrated on real photos (min/max over the calibration set), every convolution and
+with ranges calibrated on real photos (the 99.999th percentile over the calibration set), every convolution and
 residual addition in int8. Nothing here is a hand-written kernel.
 
 The quantized graph is the model's own function, in an inference form (as `hub.runtime`'s engine
@@ -64,7 +64,7 @@ class SubpixelConv(nn.Module):
     input pixels m - 1, m, m + 1 with taps (w[3], w[1], 0) for r = 0 and (0, w[2], w[0]) for r = 1;
     in 2-D each of the four phases (ry, rx) is a 3x3 convolution with the outer product of those
     taps. Exactly the same function, as a plain convolution that has int8 kernels everywhere.
-    The interleave is a reshape-transpose-reshape, which stays in int8 in a quantized graph.
+    The interleave is `pixel_shuffle` (ONNX DepthToSpace), which ONNX Runtime runs on the int8 tensor.
     """
 
     def __init__(self, deconv: nn.ConvTranspose2d) -> None:
@@ -81,17 +81,15 @@ class SubpixelConv(nn.Module):
                     for j, kx in enumerate(taps[rx]):
                         if ky is not None and kx is not None:
                             kernel[ry, rx, :, :, i, j] = w[:, :, ky, kx].T
-        self.cout = cout
         self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=deconv.bias is not None)
         with torch.no_grad():
-            self.conv.weight.copy_(kernel.reshape(4 * cout, cin, 3, 3))  # channel (ry * 2 + rx) * C_out + c
+            # Channel c * 4 + ry * 2 + rx: the layout pixel_shuffle (ONNX DepthToSpace, CRD) interleaves.
+            self.conv.weight.copy_(kernel.permute(2, 0, 1, 3, 4, 5).reshape(4 * cout, cin, 3, 3))
             if deconv.bias is not None:
-                self.conv.bias.copy_(deconv.bias.detach().repeat(4))
+                self.conv.bias.copy_(deconv.bias.detach().repeat_interleave(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        y = self.conv(x).reshape(b, 2, 2, self.cout, h, w)
-        return y.permute(0, 3, 4, 1, 5, 2).reshape(b, self.cout, 2 * h, 2 * w)
+        return nn.functional.pixel_shuffle(self.conv(x), 2)
 
 
 def is_stride2_deconv(module: nn.Module) -> bool:
@@ -174,7 +172,9 @@ def build_int8(
     """
     try:
         import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as err:
         raise Int8Error(
@@ -205,9 +205,12 @@ def build_int8(
         _export(graph, batches[0], fp32_path)
         quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=True)
         say(f"calibrating on {len(batches)} photos and quantizing")
+        # Percentile ranges (99.999 % of each activation's values, ONNX Runtime's default) rather than
+        # min/max: a few outliers no longer stretch the int8 grid (random-init stand-in at 480 x 640:
+        # CC 0.974 against 0.969 with min/max; excluding the first convolution from int8 added nothing).
         quantize_static(
             str(pre_path), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )  # fmt: skip
         seconds = time.perf_counter() - start

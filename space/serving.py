@@ -100,11 +100,12 @@ def explain_load_error(model: str, revision: str | None, err: BaseException) -> 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model to serve and where: what `--model/--revision/--device` (or the env) say."""
+    """Which model to serve and where: what `--model/--revision/--device/--precision` (or the env) say."""
 
     model: str
     revision: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # as predict(precision=...): auto, bf16, fp16, fp32 or int8
 
 
 class ModelStore:
@@ -171,7 +172,7 @@ class ModelStore:
                 raise self._error from err
             if not self.zero_gpu:
                 model.to(self.device)
-                prepare_for_inference(model)
+                prepare_for_inference(model, self.spec.precision)
             self.load_seconds = time.perf_counter() - start
             self._error = None
             self._model = model
@@ -192,7 +193,7 @@ class ModelStore:
                 from hub.runtime import prepare_for_inference
 
                 moved = copy.deepcopy(model).to(self.device)
-                prepare_for_inference(moved)
+                prepare_for_inference(moved, self.spec.precision)
                 self._on_device = moved
             return self._on_device
 
@@ -200,7 +201,7 @@ class ModelStore:
         """Maps (float32, peak 1, each image's size) for H x W x 3 uint8 images, and the seconds it took."""
         model = self.model_for_inference()
         start = time.perf_counter()
-        maps = model.predict(list(images), batch_size=BATCH_CHUNK)
+        maps = model.predict(list(images), batch_size=BATCH_CHUNK, precision=self.spec.precision)
         return maps, time.perf_counter() - start
 
     def device_label(self) -> str:
@@ -219,8 +220,8 @@ class ModelStore:
         if self._model is not None and not self.zero_gpu:
             from hub.runtime import engine_precision
 
-            return f"{name} · {engine_precision(self._model)}"  # int8 where this model's int8 form runs
-        return f"{name} · {precision_name(self.device)}"
+            return f"{name} · {engine_precision(self._model, self.spec.precision)}"  # e.g. int8 where it runs
+        return f"{name} · {precision_name(self.device, self.spec.precision)}"
 
     def warm_up(self) -> threading.Thread:
         """Start loading in the background, so the page is served while the weights load."""

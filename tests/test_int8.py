@@ -184,6 +184,13 @@ def test_the_status_line_says_int8_when_it_runs(folder, monkeypatch):
     assert maps[0].shape == (72, 100) and store.device_label() == "CPU · int8"
 
 
+def test_the_app_takes_every_predict_precision():
+    import app
+
+    (action,) = [a for a in app.build_parser()._actions if a.dest == "precision"]
+    assert tuple(action.choices) == rt.PREDICT_PRECISIONS and action.default == "auto"
+
+
 # -- the CLI and the benchmark ------------------------------------------------------------------------------
 
 
@@ -206,9 +213,15 @@ def test_export_int8_cli(tmp_path):
     assert "does not exist" in bad.stderr
 
 
-def test_bench_infer_prints_the_int8_row(folder, tmp_path, capsys):
+def test_bench_infer_prints_the_int8_row(folder, tmp_path, capsys, monkeypatch):
+    import time
+
     from bench import infer
 
+    def slow_matmul(device, dtype):  # 0.3 s each: the paths (tiny model) must not be timed with these
+        return (lambda: time.sleep(0.3)), 1e9
+
+    monkeypatch.setattr(infer, "matmul_fn", slow_matmul)
     out = tmp_path / "records.json"
     assert infer.main(["--model", str(folder), "--sizes", "64x96", "--batch", "1", "--repeat", "1", "--warmup", "0",
                        "--paths", "reference,fp32,int8", "--json", str(out)]) == 0  # fmt: skip
@@ -217,4 +230,6 @@ def test_bench_infer_prints_the_int8_row(folder, tmp_path, capsys):
     records = {r["path"]: r for r in json.loads(out.read_text())}
     assert records["int8"]["precision"] == "int8" and 0.9 < records["int8"]["fidelity_cc"] <= 1
     assert records["int8"]["matmul_int8_gops_per_s"] > 0
+    # The matmuls are named fp32/bf16/int8 like three paths; their times once landed in those paths' rows.
+    assert all(r["ms_max"] < 250 for r in records.values()), records
     assert "int8" in capsys.readouterr().out
