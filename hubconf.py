@@ -5,7 +5,7 @@ repository's package; the weights come from the Hugging Face Hub (or a local fol
 `SaliencyUNet.from_pretrained`, which never downloads ImageNet weights.
 """
 
-dependencies = ["torch", "torchvision", "huggingface_hub", "safetensors", "numpy", "PIL", "cv2"]
+dependencies = ["torch", "torchvision", "huggingface_hub", "safetensors", "numpy", "PIL", "cv2", "skimage"]
 
 
 def saliency_unet(repo_id=None, revision=None, pretrained=True, **config):

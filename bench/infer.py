@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages kept in fp32 under bf16, e.g. stem,layer1,layer2 (default: none)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="write one record per (size, batch, path) here")
     p.add_argument("--options", action="store_true",
-                   help="instead: the cost of each predict() option (centre prior, keep_aspect, flip TTA, blur) end to end, "
+                   help="instead: the cost of each predict() option (centre prior, keep_aspect, flip TTA, blur, face prior) end to end, "
                         "on photos of the first --sizes entry, side by side against the model without them")  # fmt: skip
     return p
 
@@ -109,6 +109,7 @@ OPTIONS = {
     "keep_aspect": {"keep_aspect": True},
     "flip_tta": {"flip_tta": True},
     "blur=0.02": {"blur": 0.02},
+    "face_prior=2": {"face_prior": 2.0},  # the face detector on the original photo (hub.faces)
 }
 
 
@@ -122,8 +123,8 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     repeat = args.repeat or 7
     base, what = load_model(args.model, device)
-    plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0}
-    variants = {**OPTIONS, "flip_tta+blur (training's defaults)": {"flip_tta": True, "blur": 0.02},
+    plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0, "face_prior": 0.0}
+    variants = {**OPTIONS, "flip_tta+blur+face_prior (defaults)": {"flip_tta": True, "blur": 0.02, "face_prior": 2.0},
                 "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
     trained = base.state_dict()
     models = {}

@@ -6,7 +6,7 @@
 
 Everything after `--` goes to `python -m train` as it is (skipped when OUT already holds a
 trained model, so a table can be rebuilt or extended). `--posthoc flip_tta,blur=auto` scores a
-copy of the trained model (OUT+NAME) with inference-time options switched on: they change
+copy of the trained model (OUT+NAME) with inference-time options switched on (face_prior=2 too): they change
 nothing in training, so one trained model gives their rows (blur=auto calibrates on OUT's own
 validation split, as `python -m train --blur auto` does). The trained model is then scored with
 `train.evaluate` on every image of --eval-data, beside the centre prior and the leave-one-out
@@ -66,7 +66,7 @@ def evaluate_transfer(model_dir: Path, eval_data: Path, device: str = "auto") ->
 
 
 def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld") -> Path:
-    """A copy of the trained run OUT as OUT/../<name> with flip_tta and/or blur (a value or auto) switched on."""
+    """A copy of the trained run OUT as OUT/../<name> with flip_tta, blur (a value or auto) and/or face_prior changed."""
     import shutil
     from dataclasses import replace
 
@@ -74,7 +74,7 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
 
     from train.data import SaliencyDataset, load_splits
     from train.evaluate import Scorer
-    from train.loop import TrainConfig, calibrate_blur, export_model
+    from train.loop import TrainConfig, calibrate_blur, export_model, val_faces
 
     changes: dict = {}
     for part in filter(None, options.split(",")):
@@ -83,8 +83,13 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
             changes["flip_tta"] = value.lower() not in ("0", "false", "no")
         elif key == "blur":
             changes["blur"] = value or "auto"
+        elif key == "face_prior":
+            try:
+                changes["face_prior"] = float(value)
+            except ValueError:
+                raise SystemExit(f"--posthoc {options!r}: face_prior takes a weight, e.g. face_prior=2") from None
         else:
-            raise SystemExit(f"--posthoc {options!r}: use flip_tta and blur=VALUE|auto")
+            raise SystemExit(f"--posthoc {options!r}: use flip_tta, blur=VALUE|auto and face_prior=WEIGHT")
     dest = out.parent / name
     if dest.exists():
         shutil.rmtree(dest)
@@ -92,17 +97,21 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
     saved = json.loads((out / "train_config.json").read_text())
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     cfg.out, cfg.select_metric = str(dest), select_metric
+    cfg.face_prior = changes.get("face_prior", cfg.face_prior)
     best = json.loads((out / "metrics.json").read_text())["best"]
     model = SaliencyUNet.from_pretrained(out)
     blur = changes.get("blur", model.config.blur)
     switched = SaliencyUNet(replace(model.config, flip_tta=changes.get("flip_tta", model.config.flip_tta),
-                                    blur=0.0 if blur == "auto" else float(blur)))
+                                    blur=0.0 if blur == "auto" else float(blur),
+                                    face_prior=changes.get("face_prior", model.config.face_prior)))
     switched.load_state_dict(model.state_dict())
     splits = load_splits(cfg.data_dirs, dest)
     export_model(switched, cfg, dest, best, len(splits["train"]))
     if blur == "auto":
         val_set = SaliencyDataset(splits["val"], cfg.input_size, keep_aspect=switched.config.keep_aspect, targets=False)
         scorer = Scorer(splits["val"], train_samples=splits["train"], seed=cfg.seed)
+        if switched.config.face_prior > 0:
+            scorer.faces = val_faces(splits["val"], list(range(len(splits["val"]))), cfg.workers)
         best = calibrate_blur(dest, val_set, scorer, torch.device("cpu"), cfg, best, len(splits["train"]))
         print(f"blur calibrated on validation ({best['blur_metric']}): {best['blur']}")
     return dest
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="row label (default: the --out folder's name)")
     p.add_argument("--table", type=Path, default=None, help="print the rows of every run under this folder and stop")
     p.add_argument("--device", default="auto")
-    p.add_argument("--posthoc", default=None, help="inference options to switch on in a copy: flip_tta, blur=VALUE|auto")
+    p.add_argument("--posthoc", default=None, help="inference options to change in a copy: flip_tta, blur=VALUE|auto, face_prior=WEIGHT")
     args = p.parse_args(own)
     eval_name = args.eval_data.resolve().name
     if args.table is not None:

@@ -56,6 +56,9 @@ class SaliencyConfig:
     flip_tta: average the map of the image and of its mirror image (test-time augmentation).
     blur: sigma of a Gaussian blur applied to the output map, as a fraction of its longer side
         (0: none); calibrated on validation data by `python -m train`.
+    face_prior: weight w of the face prior (`hub.faces`): the map is multiplied by (1 + w x F),
+        F a Gaussian on each frontal face a detector finds in the image (0: none). An encoder
+        trained from scratch on scene photos does not know faces, which draw gaze in any photo.
     """
 
     backbone: str = "resnet50"
@@ -67,6 +70,7 @@ class SaliencyConfig:
     keep_aspect: bool = False
     flip_tta: bool = False
     blur: float = 0.0
+    face_prior: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; normalise so configs compare equal.
@@ -86,12 +90,14 @@ class SaliencyConfig:
             raise ValueError(f"input_size {self.input_size} must be (height, width), each at least 32 pixels.")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean {self.mean} and std {self.std} must be 3 RGB values with std > 0.")
-        self.center_prior, self.blur = int(self.center_prior), float(self.blur)
+        self.center_prior, self.blur, self.face_prior = int(self.center_prior), float(self.blur), float(self.face_prior)
         self.keep_aspect, self.flip_tta = bool(self.keep_aspect), bool(self.flip_tta)
         if self.center_prior < 0 or not 0.0 <= self.blur < 0.5:
             raise ValueError(
                 f"center_prior {self.center_prior} must be >= 0 and blur {self.blur} in [0, 0.5) (a fraction of the map's longer side)."
             )
+        if not 0.0 <= self.face_prior <= 100.0:
+            raise ValueError(f"face_prior {self.face_prior} must be between 0 (none) and 100, e.g. 2.")
 
     @property
     def encoder_channels(self) -> tuple[int, int, int, int, int]:

@@ -244,10 +244,14 @@ def _model_batch(model: nn.Module, image: Any) -> torch.Tensor:
 
 
 def _check_cc(model: nn.Module, engine: nn.Module, image: Any) -> float:
+    from hub.faces import image_faces
+    from hub.preprocess import load_image
+
     x = _model_batch(model, image)
+    faces = image_faces([load_image(image)], tuple(x.shape[-2:])) if model.config.face_prior > 0 else None
     with torch.inference_mode():
-        ref = model.infer(x.to(next(model.parameters()).device)).double().flatten().cpu()
-        got = model.infer(x, engine).double().flatten()
+        ref = model.infer(x.to(next(model.parameters()).device), faces=faces).double().flatten().cpu()
+        got = model.infer(x, engine, faces).double().flatten()
     ref, got = ref - ref.mean(), got - got.mean()
     denom = float(ref.norm() * got.norm())
     return float((ref * got).sum()) / denom if denom > 0 else float("nan")

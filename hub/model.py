@@ -32,6 +32,7 @@ from torch import nn
 
 from hub.card import DOCS_URL, SOURCE_URL, build_card
 from hub.config import STAGES, SaliencyConfig
+from hub.faces import apply_face_prior, image_faces
 from hub.preprocess import ImageInput, images_to_tensor, load_image, model_input_size, tensor_to_maps
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,15 @@ class SaliencyUNet(
         y = self.head(self.up0(y))
         return torch.sigmoid(y[:, :, :h, :w])
 
-    def infer(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+    def infer(self, x: torch.Tensor, net: nn.Module | None = None, faces: torch.Tensor | None = None) -> torch.Tensor:
         """What `predict` computes on a batch at model size: B x 3 x h x w in [0, 1] -> B x 1 x h x w fp32.
 
         The forward pass of `net` (the model itself, or its inference engine) with the config's
-        test-time flip averaging and blur. Training's validation calls it too, so the scores it
-        selects by are those of the published behaviour.
+        test-time flip averaging, face prior and blur. Training's validation calls it too, so the
+        scores it selects by are those of the published behaviour.
+        faces: B x 1 x h x w face maps of the batch's original images (`hub.faces.image_faces`),
+            required when the config has a face prior (the detector needs the original image,
+            which `x` no longer is); ignored otherwise.
         """
         net = self if net is None else net
         if self.config.flip_tta:
@@ -246,6 +250,11 @@ class SaliencyUNet(
             y = 0.5 * (both[: len(x)] + both[len(x) :].flip(-1))
         else:
             y = net(x).float()
+        if self.config.face_prior > 0:
+            if faces is None:
+                raise ValueError(f"this model has a face prior (face_prior={self.config.face_prior:g}): pass "
+                                 "faces=hub.faces.image_faces(original images, (h, w)) to infer().")
+            y = apply_face_prior(y, faces, self.config.face_prior)
         return gaussian_blur(y, self.config.blur * max(y.shape[-2:])) if self.config.blur > 0 else y
 
     # -- inference ------------------------------------------------------------------------------
@@ -276,7 +285,8 @@ class SaliencyUNet(
             `python -m bench.infer --paths reference,default,compiled` shows a gain (none on an
             AVX512-BF16 CPU, where the default engine is already near the matmul limit).
         The config's inference options apply: `keep_aspect` (each image at its aspect-true model
-        size; a list is batched by size), `flip_tta` (mean with the mirror image's map) and `blur`.
+        size; a list is batched by size), `flip_tta` (mean with the mirror image's map),
+        `face_prior` (faces detected in the original image, `hub.faces`) and `blur`.
         Returns a float32 H x W array in [0, 1] (peak 1) at each image's original resolution,
         or a list of them for a list input. Runs on the model's device without gradients, via
         a fast copy of the model built on first use (see `hub.runtime`); the model itself is
@@ -306,7 +316,8 @@ class SaliencyUNet(
             batches = []
             for size, members in groups.items():
                 x = images_to_tensor([arrays[j] for j in members], size)
-                batches.append((x.pin_memory() if prefetch else x, members, [arrays[j].shape[:2] for j in members]))
+                faces = image_faces([arrays[j] for j in members], size) if cfg.face_prior > 0 else None
+                batches.append((x.pin_memory() if prefetch else x, faces, members, [arrays[j].shape[:2] for j in members]))
             return batches
 
         maps: list = []
@@ -319,8 +330,9 @@ class SaliencyUNet(
                 else:
                     batches = load(chunk)
                 out: list = [None] * len(chunk)
-                for x, members, sizes in batches:
-                    for j, m in zip(members, tensor_to_maps(self.infer(x.to(device, non_blocking=True), engine), sizes)):
+                for x, faces, members, sizes in batches:
+                    y = self.infer(x.to(device, non_blocking=True), engine, faces)
+                    for j, m in zip(members, tensor_to_maps(y, sizes)):
                         out[j] = m
                 maps.extend(out)
         return maps[0] if single else maps

@@ -216,6 +216,7 @@ SPACE_FILES = (
     "hub/analysis.py",
     "hub/card.py",
     "hub/config.py",
+    "hub/faces.py",  # the face prior (config face_prior)
     "hub/int8.py",  # int8 inference on CPUs without native bf16 (the model's model.int8.onnx)
     "hub/model.py",
     "hub/preprocess.py",

@@ -24,7 +24,8 @@ from hub.card import DISTRIBUTION, DOCS_URL, SOURCE_URL
 from hub.publish import export, push
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = {"torch", "torchvision", "huggingface-hub", "safetensors", "numpy", "pillow", "opencv-python-headless", "tqdm"}
+INFERENCE = {"torch", "torchvision", "huggingface-hub", "safetensors", "numpy", "pillow", "opencv-python-headless", "tqdm",
+             "scikit-image"}
 
 
 def pyproject() -> dict:

@@ -21,7 +21,7 @@ from train.data import DataError, SaliencyDataset, Sample, SizeBatchSampler, fin
 from train.evaluate import Scorer
 from train.evaluate import main as evaluate_main
 from train.losses import SaliencyLoss, parse_loss
-from train.loop import TrainConfig, evaluate, run
+from train.loop import TrainConfig, evaluate, run, val_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 NUS = ROOT.parent / "shared" / "data" / "nus_scene"
@@ -59,7 +59,7 @@ def tiny_data(tmp_path) -> Path:
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
-    base = dict(data=data if isinstance(data, list) else str(data), out=str(out), epochs=2, batch_size=2, size="64x64", backbone_weights="none",
+    base = dict(data=data if isinstance(data, list) else str(data), out=str(out), epochs=2, batch_size=2, size="64x64", backbone_weights="none", face_prior=0.0,
                 workers=0, val_fraction=0.25, lr=1e-3, warmup_steps=1, max_steps_per_epoch=2, seed=3,
                 precision="fp32")
     return TrainConfig(**{**base, **overrides})
@@ -351,6 +351,8 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     val_set = SaliencyDataset(val, (64, 64), targets=False)
     loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, 2))
     scorer = Scorer(val, train_samples=[by_id[i] for i in split["train"]], seed=3)
+    if model.config.face_prior > 0:  # the default: the faces the ranks detected and shared, detected here alone
+        scorer.faces = val_faces(val, list(range(len(val))), workers=0)
     alone = evaluate(model, loader, scorer, torch.device("cpu"), show=False, precision="fp32")
     ddp = metrics["epochs"][-1]["val"]
     assert alone["n_images"] == ddp["n_images"] == 3

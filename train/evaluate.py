@@ -72,6 +72,9 @@ class Scorer:
         self.truth = GroundTruth(samples, seed, other_images=SAUC_OTHER_IMAGES)
         self.truth.load(load)
         self.samples, self.sizes = self.truth.samples, self.truth.sizes
+        # {index: face boxes} of a run with a face prior (`train.loop.val_faces`), which validation
+        # turns into the face maps the model's infer() needs; None without one.
+        self.faces: dict[int, np.ndarray] | None = None
         self.baselines = tuple(baselines)
         self.seed = seed
         self._baseline_rows: dict[tuple[str, int], dict[str, dict[str, float]]] = {}

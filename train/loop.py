@@ -35,8 +35,9 @@ from tqdm import tqdm
 from hub import SaliencyConfig, SaliencyUNet
 from hub.cli import print_error, setup_logging
 from hub.config import STAGES, parse_size
+from hub.faces import detect_faces, face_maps
 from hub.model import gaussian_blur
-from hub.preprocess import tensor_to_maps
+from hub.preprocess import load_image, tensor_to_maps
 from hub.publish import PublishError, export, push
 from hub.model import load_strict
 from hub.runtime import PRECISIONS, pick_device, precision_name, resolve_precision
@@ -75,11 +76,14 @@ class TrainConfig:
     # README, "What transfers"): flip averaging and a calibrated blur help or are neutral there; the
     # centre prior, aspect-true input, EMA and smaller crops fit the training collection better and
     # the other one worse, so they stay options. The epoch is picked by validation KLD, not CC: in
-    # both runs where they disagreed, the KLD pick scored better on every eyecrowd metric.
+    # both runs where they disagreed, the KLD pick scored better on every eyecrowd metric. The face
+    # prior's weight 4 was picked on eyecrowd's odd ids (nus_scene's scenes hold no faces, so its own
+    # validation cannot choose it) and confirmed on the even ids (README, "What transfers").
     center_prior: int = 0
     keep_aspect: bool = False
     flip_tta: bool = True
     blur: str = "auto"
+    face_prior: float = 4.0
     ema: float = 0.0
     crop_scale: float = 0.6
     patience: int = 0
@@ -336,6 +340,42 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class _FaceScan(torch.utils.data.Dataset):
+    """Face boxes of validation images (`hub.faces.detect_faces` on the image `predict` would load)."""
+
+    def __init__(self, samples: list, indices: list[int]) -> None:
+        self.samples, self.indices = samples, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray]:
+        i = self.indices[k]
+        return i, detect_faces(load_image(self.samples[i].image))
+
+
+def val_faces(samples: list, indices: list[int], workers: int) -> dict[int, np.ndarray]:
+    """Face boxes of the validation images `indices` (this rank's shard), detected once in `workers`
+    processes and shared by all ranks: {index: N x 4 boxes}, for the face prior (`--face-prior`)."""
+    started = time.perf_counter()
+    loader = DataLoader(_FaceScan(samples, indices), batch_size=None, num_workers=workers)
+    boxes = {int(i): np.asarray(b, np.float32) for i, b in loader}
+    if dist.is_initialized():
+        shards: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, boxes)
+        boxes = {i: b for shard in shards for i, b in shard.items()}
+    log.info("face prior: %d faces in %d validation images (%.0f s)", sum(len(b) for b in boxes.values()),
+             len(boxes), time.perf_counter() - started)
+    return boxes
+
+
+def batch_faces(scorer: Scorer, indices: list[int], image: torch.Tensor) -> torch.Tensor | None:
+    """Face maps of validation images on the batch's grid, or None when the run has no face prior."""
+    if scorer.faces is None:
+        return None
+    return face_maps([scorer.faces[i] for i in indices], tuple(image.shape[-2:]), [scorer.sizes[i][1] / scorer.sizes[i][0] for i in indices])
+
+
 @torch.no_grad()
 def evaluate(
     model: SaliencyUNet,
@@ -365,9 +405,9 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     low = resolve_precision(device, precision)
     for image, _, _, index in tqdm(loader, desc="validate", unit="batch", disable=not show, leave=False):
-        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
-            pred = model.infer(image.to(device).contiguous(memory_format=torch.channels_last))
         indices = index.tolist()
+        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            pred = model.infer(image.to(device).contiguous(memory_format=torch.channels_last), faces=batch_faces(scorer, indices, image))
         if full:
             maps = tensor_to_maps(pred, [scorer.sizes[i] for i in indices])
             rows += [scorer.score(i, m) for i, m in zip(indices, maps)]
@@ -435,7 +475,8 @@ def calibrate_blur(
     model.eval()
     for image, _, _, index in loader:
         with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=low is not None):
-            preds.append(model.infer(image.to(device).contiguous(memory_format=torch.channels_last)))
+            x = image.to(device).contiguous(memory_format=torch.channels_last)
+            preds.append(model.infer(x, faces=batch_faces(scorer, index.tolist(), image)))
         indices.append(index.tolist())
     grid: dict[float, float] = {}
     for blur in BLUR_GRID:
@@ -535,7 +576,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     init = load_init(cfg) if cfg.init_from and not cfg.resume else None
     model_config = SaliencyConfig(backbone=cfg.backbone, input_size=cfg.input_size, center_prior=cfg.center_prior,
-                                  keep_aspect=cfg.keep_aspect, flip_tta=cfg.flip_tta, blur=cfg.blur_value() or 0.0)
+                                  keep_aspect=cfg.keep_aspect, flip_tta=cfg.flip_tta, blur=cfg.blur_value() or 0.0,
+                                  face_prior=cfg.face_prior)
     cfg.model = model_config.to_dict()
     checkpoint_path = out / "checkpoints" / "last.pt"
     checkpoint = None
@@ -546,7 +588,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         saved = checkpoint["config"]
         if {k: v for k, v in saved["model"].items() if k != "frozen_stages"} != cfg.model:
             raise DataError(f"{checkpoint_path} was trained with another model config; use the same --size/--backbone/"
-                            "--center-prior/--keep-aspect/--flip-tta/--blur.")
+                            "--center-prior/--keep-aspect/--flip-tta/--blur/--face-prior.")
         changed = schedule_changes(saved, cfg)
         if checkpoint.get("world", 1) != world:
             changed.append(f"processes {checkpoint.get('world', 1)} -> {world} (the global batch)")
@@ -604,6 +646,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     scorer = Scorer(val_samples, train_samples=train_samples, seed=cfg.seed, load=[i for b in val_sampler for i in b])
+    scorer.faces = val_faces(val_samples, [i for b in val_sampler for i in b], cfg.workers) if cfg.face_prior > 0 else None
 
     start_epoch, history, best, stale = 1, [], None, 0
     if checkpoint is not None:
@@ -733,6 +776,8 @@ HELP = {
     "center_prior": "learned Gaussian centre-bias maps fed to the decoder (0: none)",
     "keep_aspect": "keep each image's aspect: longer side max(HxW), shorter side a multiple of 32 (batches of one size)",
     "flip_tta": "average the maps of the image and its mirror image (validation and predict())",
+    "face_prior": "weight w of the face prior: the map times (1 + w x a Gaussian on each frontal face the detector finds; "
+                  "hub.faces), in validation and predict() (0: none)",
     "blur": "output blur, sigma as a fraction of the map's longer side, or 'auto': calibrated on validation after training",
     "crop_scale": "smallest area fraction of the random resized crop (augmentation)",
     "ema": "publish an exponential moving average of the weights with this decay (e.g. 0.998; 0: the raw weights)",

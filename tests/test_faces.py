@@ -1,0 +1,162 @@
+"""The face prior (hub.faces): detection, face maps, how the model applies it, and training with it."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+import hub.faces as faces
+from hub import SaliencyConfig, SaliencyUNet
+from hub.faces import apply_face_prior, detect_faces, face_maps, group_rectangles, image_faces
+from hub.preprocess import images_to_tensor
+from train.evaluate import Scorer
+from train.loop import batch_faces, run, val_faces
+
+from test_train import blob_sample, tiny_config, tiny_data  # noqa: F401 - fixture
+
+# Where the face is in skimage's astronaut photo (public domain, NASA): x and y as fractions.
+ASTRONAUT_FACE = (0.35, 0.14, 0.53, 0.32)
+
+
+def test_detector_finds_the_face_in_a_photo_and_none_in_flat_or_tiny_images():
+    boxes = detect_faces(skdata.astronaut())
+    assert boxes.dtype == np.float32 and boxes.shape[1] == 4 and (0 <= boxes).all() and (boxes <= 1).all()
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    x0, y0, x1, y1 = ASTRONAUT_FACE
+    assert ((x0 < cx) & (cx < x1) & (y0 < cy) & (cy < y1)).any(), boxes
+    assert detect_faces(np.full((300, 400, 3), 128, np.uint8)).shape == (0, 4)
+    assert detect_faces(np.zeros((10, 12, 3), np.uint8)).shape == (0, 4)
+
+
+def test_the_dense_first_stages_pass_the_same_windows_as_the_per_window_cascade(monkeypatch):
+    gray = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2GRAY)
+    cascade = faces._detector()
+    for step in (1, 2):
+        monkeypatch.setattr(faces, "DENSE_STAGES", 0)
+        reference = cascade.windows(gray[100:300, 120:330], step)
+        monkeypatch.setattr(faces, "DENSE_STAGES", 3)
+        dense = cascade.windows(gray[100:300, 120:330], step)
+        assert len(reference) and np.array_equal(np.unique(reference, axis=0), np.unique(dense, axis=0))
+    assert cascade.windows(gray[:20, :30], 2).shape == (0, 2)
+
+
+def test_grouping_keeps_clusters_with_enough_neighbours_and_drops_faces_inside_stronger_ones():
+    face = [(10, 10, 24, 24), (11, 10, 24, 24), (10, 11, 24, 24), (9, 10, 25, 25)]
+    lone = [(200, 50, 30, 30), (201, 50, 30, 30)]
+    np.testing.assert_allclose(group_rectangles(np.array(face + lone), 3), [[10, 10, 24, 24]])
+    assert len(group_rectangles(np.array(face + lone), 1)) == 2
+    # A small cluster inside a larger, stronger face is the same face: dropped.
+    big = [(100, 100, 60, 60)] * 6
+    small = [(110, 110, 24, 24)] * 4
+    np.testing.assert_allclose(group_rectangles(np.array(big + small), 3), [[100, 100, 60, 60]])
+    assert group_rectangles(np.zeros((0, 4), np.int64), 3).shape == (0, 4)
+
+
+def test_a_large_photo_is_searched_at_the_detector_side_with_the_same_relative_boxes():
+    small = skdata.astronaut()
+    big = np.repeat(np.repeat(small, 3, axis=0), 3, axis=1)  # 1536 x 1536, searched at 640
+    near = [np.abs(detect_faces(big) - b).max(1).min() for b in detect_faces(small) if (b[0] + b[2]) / 2 < 0.53]
+    assert near and min(near) < 0.05
+
+
+def test_face_maps_peak_on_each_box_and_are_round_in_the_original_image():
+    boxes = [np.array([[0.1, 0.2, 0.3, 0.4], [0.6, 0.5, 0.8, 0.9]], np.float32), np.zeros((0, 4), np.float32)]
+    maps = face_maps(boxes, (64, 64), aspects=[2.0, 1.0])  # the first image is 2:1, squeezed onto a square grid
+    assert maps.shape == (2, 1, 64, 64) and maps.dtype == torch.float32
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1 and float(maps[1].abs().max()) == 0
+    m = maps[0, 0].numpy()
+    for x0, y0, x1, y1 in boxes[0]:
+        row, col = int((y0 + y1) / 2 * 64), int((x0 + x1) / 2 * 64)
+        assert m[row, col] > 0.95 and m[row - 1 : row + 2, col - 1 : col + 2].max() == m[row - 2 : row + 3, col - 2 : col + 3].max()
+    # The first box is 0.2 of the width and 0.2 of the height of a 2:1 image: twice as wide as high
+    # there, so its Gaussian is set by the width and is round in the original, half as wide as high on the grid.
+    row = int(0.3 * 64)
+    across = (m[row, :32] > 0.5).sum()
+    down = (m[:, int(0.2 * 64)] > 0.5).sum()
+    assert down == pytest.approx(2 * across, abs=2)
+
+
+def test_the_prior_multiplies_within_zero_to_one():
+    pred = torch.rand(2, 1, 16, 16)
+    f = torch.zeros(2, 1, 16, 16)
+    f[:, :, 4:8, 4:8] = 1.0
+    out = apply_face_prior(pred, f, 2.0)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    torch.testing.assert_close(out[:, :, 4:8, 4:8], pred[:, :, 4:8, 4:8])
+    torch.testing.assert_close(out[:, :, 10:, 10:], pred[:, :, 10:, 10:] / 3)
+
+
+def test_config_keeps_the_face_prior_and_old_configs_have_none(tmp_path):
+    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=2))
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["face_prior"] == 2.0 and SaliencyUNet.from_pretrained(tmp_path / "m").config.face_prior == 2.0
+    assert SaliencyConfig.from_dict({k: v for k, v in saved.items() if k != "face_prior"}).face_prior == 0.0
+    with pytest.raises(ValueError, match="face_prior"):
+        SaliencyConfig(face_prior=-1)
+
+
+def test_infer_needs_the_face_maps_of_a_model_with_a_face_prior():
+    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=2)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="image_faces"):
+        model.infer(torch.rand(1, 3, 64, 64))
+
+
+def test_predict_raises_the_map_on_the_faces_it_finds():
+    torch.manual_seed(0)
+    plain = SaliencyUNet(SaliencyConfig(input_size=(128, 128))).eval()
+    with_faces = SaliencyUNet(SaliencyConfig(input_size=(128, 128), face_prior=4)).eval()
+    with_faces.load_state_dict(plain.state_dict())
+    photo = skdata.astronaut()
+    a, b = plain.predict(photo, precision="fp32"), with_faces.predict(photo, precision="fp32")
+    assert b.shape == photo.shape[:2] and b.dtype == np.float32 and b.max() == pytest.approx(1.0)
+    # What predict computes: the network's map times the face map of the original photo, normalised.
+    with torch.no_grad():
+        x = images_to_tensor([photo], (128, 128))
+        expected = with_faces.infer(x, faces=image_faces([photo], (128, 128)))
+    y = torch.nn.functional.interpolate(expected, size=photo.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert np.corrcoef(y.ravel(), b.ravel())[0, 1] > 0.999
+    h, w = photo.shape[:2]
+    x0, y0, x1, y1 = ASTRONAUT_FACE
+    face = (slice(int(y0 * h), int(y1 * h)), slice(int(x0 * w), int(x1 * w)))
+    share = lambda m: m[face].sum() / m.sum()  # noqa: E731
+    assert share(b) > 1.5 * share(a)
+
+
+def test_validation_applies_the_face_prior_with_boxes_detected_once(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    calls = []
+
+    def fake_detect(image):
+        calls.append(image.shape)
+        return np.array([[0.0, 0.0, 0.5, 0.5]], np.float32)
+
+    monkeypatch.setattr("train.loop.detect_faces", fake_detect)
+    from train.data import find_samples
+
+    samples = find_samples(tiny_data)[:3]
+    boxes = val_faces(samples, [0, 2], workers=0)
+    assert sorted(boxes) == [0, 2] and len(calls) == 2
+    scorer = Scorer(samples, baselines=())
+    scorer.faces = boxes
+    maps = batch_faces(scorer, [2, 0], torch.zeros(2, 3, 32, 32))
+    assert maps.shape == (2, 1, 32, 32) and float(maps[:, :, :8, :8].mean()) > float(maps[:, :, 24:, 24:].mean())
+    scorer.faces = None
+    assert batch_faces(scorer, [0], torch.zeros(1, 3, 32, 32)) is None
+
+    # A run with --face-prior validates with it and publishes it in config.json.
+    calls.clear()
+    out = tmp_path / "out"
+    run(tiny_config(tiny_data, out, face_prior=2.0, blur="auto"))
+    assert json.loads((out / "config.json").read_text())["face_prior"] == 2.0
+    assert len(calls) == len(json.loads((out / "split.json").read_text())["val"])
+    assert "--face-prior 2.0" in (out / "README.md").read_text()
+
+
+def test_image_faces_runs_the_detector_on_each_original_image(monkeypatch):
+    seen = []
+    monkeypatch.setattr(faces, "detect_faces", lambda im: seen.append(im.shape) or np.zeros((0, 4), np.float32))
+    out = image_faces([np.zeros((30, 40, 3), np.uint8), np.zeros((50, 20, 3), np.uint8)], (32, 32))
+    assert out.shape == (2, 1, 32, 32) and seen == [(30, 40, 3), (50, 20, 3)]
