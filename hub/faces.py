@@ -119,7 +119,7 @@ class _Cascade:
             ys, xs = ys[keep], xs[keep]
         return np.stack([xs, ys], 1)
 
-    def detect(self, gray: np.ndarray, min_size: int, scale_factor: float) -> np.ndarray:
+    def detect(self, gray: np.ndarray, scale_factor: float) -> np.ndarray:
         """Raw detections (N x 4 int: x, y, w, h) over an image pyramid, as OpenCV's detectMultiScale."""
         h, w = gray.shape
         found, factor = [], 1.0
@@ -128,11 +128,10 @@ class _Cascade:
             size = (round(w / factor), round(h / factor))
             if win_w > w or win_h > h or size[0] < self.width or size[1] < self.height:
                 break
-            if min(win_w, win_h) >= min_size:
-                scaled = gray if factor == 1.0 else cv2.resize(gray, size, interpolation=cv2.INTER_LINEAR)
-                corners = self.windows(scaled, 1 if factor > FINE_STEP_ABOVE else 2)
-                for x, y in corners:
-                    found.append((round(x * factor), round(y * factor), win_w, win_h))
+            scaled = gray if factor == 1.0 else cv2.resize(gray, size, interpolation=cv2.INTER_LINEAR)
+            corners = self.windows(scaled, 1 if factor > FINE_STEP_ABOVE else 2)
+            for x, y in corners:
+                found.append((round(x * factor), round(y * factor), win_w, win_h))
             factor *= scale_factor
         return np.array(found, np.int64).reshape(-1, 4)
 
@@ -191,7 +190,7 @@ def detect_faces(image: np.ndarray) -> np.ndarray:
     if scale < 1.0:
         small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     gray = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2GRAY)
-    faces = group_rectangles(_detector().detect(gray, 0, SCALE_FACTOR), MIN_NEIGHBOURS)
+    faces = group_rectangles(_detector().detect(gray, SCALE_FACTOR), MIN_NEIGHBOURS)
     sh, sw = gray.shape
     boxes = np.stack([faces[:, 0] / sw, faces[:, 1] / sh, (faces[:, 0] + faces[:, 2]) / sw, (faces[:, 1] + faces[:, 3]) / sh], 1)
     return np.clip(boxes, 0.0, 1.0).astype(np.float32).reshape(-1, 4)
