@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -191,19 +191,23 @@ class Box:
     y0: float
     x1: float
     y1: float
+    # How a UI draws the box (RGB), e.g. the colour it had in the editor; None: by its position in
+    # the list. No effect on any number.
+    color: tuple[int, int, int] | None = field(default=None, compare=False)
 
     @property
     def area(self) -> float:
         return (self.x1 - self.x0) * (self.y1 - self.y0)
 
     @classmethod
-    def from_pixels(cls, name: str, xmin: float, ymin: float, xmax: float, ymax: float, size: tuple[int, int]) -> Box:
+    def from_pixels(cls, name: str, xmin: float, ymin: float, xmax: float, ymax: float, size: tuple[int, int],
+                    color: tuple[int, int, int] | None = None) -> Box:  # fmt: skip
         """A box from pixel corners on an image of `size` (height, width); corners in any order,
         clipped to the image. ValueError (naming the box) when nothing of it is inside the image."""
         h, w = size
         x0, x1 = sorted((float(xmin), float(xmax)))
         y0, y1 = sorted((float(ymin), float(ymax)))
-        box = cls(name, max(0.0, x0 / w), max(0.0, y0 / h), min(1.0, x1 / w), min(1.0, y1 / h))
+        box = cls(name, max(0.0, x0 / w), max(0.0, y0 / h), min(1.0, x1 / w), min(1.0, y1 / h), color)
         if not (box.x1 > box.x0 and box.y1 > box.y0):
             raise ValueError(
                 f"Area of interest {name!r} ({xmin}, {ymin}, {xmax}, {ymax}) has no area inside the "

@@ -53,14 +53,19 @@ def _unit(shape: tuple[int, ...]) -> tuple[float, int]:
     return unit, max(1, round(1.5 * unit))
 
 
+def _badge_disc(label: str, x: float, y: float, shape: tuple[int, ...], unit: float) -> tuple[int, int, int]:
+    """The disc of a badge for `label` centred on pixel (x, y): (x, y, radius), kept inside the image."""
+    h, w = shape[:2]
+    (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * unit, _unit(shape)[1])
+    radius = round(max(tw, th) * 0.9 + 2 * unit)
+    return int(np.clip(x, radius, max(radius, w - radius))), int(np.clip(y, radius, max(radius, h - radius))), radius
+
+
 def _badge(out: np.ndarray, label: str, x: float, y: float, unit: float, thick: int, fill=(0, 0, 0)) -> None:
     """A numbered disc centred on pixel (x, y), kept inside the image (drawn in place)."""
-    h, w = out.shape[:2]
     font_scale = 0.6 * unit
     (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-    radius = round(max(tw, th) * 0.9 + 2 * unit)
-    cx = int(np.clip(x, radius, max(radius, w - radius)))
-    cy = int(np.clip(y, radius, max(radius, h - radius)))
+    cx, cy, radius = _badge_disc(label, x, y, out.shape, unit)
     cv2.circle(out, (cx, cy), radius, fill, -1, cv2.LINE_AA)
     cv2.circle(out, (cx, cy), radius, (255, 255, 255), max(1, thick // 2), cv2.LINE_AA)
     origin = (cx - tw // 2, cy + th // 2)
@@ -110,9 +115,17 @@ def render_overlay(
 
 # -- areas of interest, focus map, viewing order, compare -------------------------------------------
 
-# AOI outline colours (RGB), distinct from each other and from the heatmap's reds and yellows.
-AOI_COLORS = ((0, 200, 255), (255, 64, 200), (120, 255, 90), (255, 255, 255), (160, 120, 255), (255, 150, 40))
+# AOI colours (RGB): those gradio_image_annotation gives new boxes, in its order, so that a box drawn
+# in the editor keeps its colour in the report, in Compare and for boxes sent to /analyze.
+AOI_COLORS = ((255, 168, 77), (92, 172, 238), (255, 99, 71), (118, 238, 118), (255, 145, 164), (0, 191, 255),
+              (255, 218, 185), (255, 69, 0), (34, 139, 34), (255, 240, 245), (255, 193, 37), (255, 193, 7),
+              (255, 250, 138))  # fmt: skip
 FOG = (18, 20, 28)  # what unattended parts of the photo fade towards in the focus map
+
+
+def aoi_color(boxes: Sequence[Box], i: int) -> tuple[int, int, int]:
+    """The colour of the i-th box: its own (from the editor), else the palette's i-th."""
+    return tuple(boxes[i].color) if boxes[i].color is not None else AOI_COLORS[i % len(AOI_COLORS)]
 
 
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -120,27 +133,68 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(8, int(size)))
 
 
-def draw_aois(image: np.ndarray, boxes: Sequence[Box], shares: Sequence[AoiShare] | None = None) -> np.ndarray:
-    """Each area of interest as a coloured rectangle with a tag "name · share" (share if given)."""
+def region_badges(regions: Iterable[Region], shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Where `draw_regions` puts each region's numbered disc: (x, y, radius) in pixels."""
+    h, w = shape[:2]
+    unit, _ = _unit(shape)
+    return [_badge_disc(str(r.index), r.peak[0] * w, r.peak[1] * h, shape, unit) for r in regions]
+
+
+def _overlaps(rect: tuple[float, float, float, float], discs: Sequence[tuple[float, float, float]],
+              rects: Sequence[tuple[float, float, float, float]]) -> bool:  # fmt: skip
+    x0, y0, x1, y1 = rect
+    for cx, cy, r in discs:  # nearest point of the rectangle to the disc's centre
+        if (min(max(cx, x0), x1) - cx) ** 2 + (min(max(cy, y0), y1) - cy) ** 2 < r * r:
+            return True
+    return any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in rects)
+
+
+def draw_aois(image: np.ndarray, boxes: Sequence[Box], shares: Sequence[AoiShare] | None = None,
+              avoid: Sequence[tuple[float, float, float]] = ()) -> np.ndarray:  # fmt: skip
+    """Each area of interest as a coloured rectangle with a tag "name · share" (share if given).
+
+    avoid: discs (x, y, radius in pixels) the tags must not cover, e.g. the numbered peak badges;
+    each tag goes to the first free place of: above the box, below it, inside its top, inside its
+    bottom (left-aligned, then right-aligned), and never over another tag.
+    """
     out = Image.fromarray(np.ascontiguousarray(image))
     h, w = image.shape[:2]
     unit, thick = _unit(image.shape)
     draw = ImageDraw.Draw(out)
     text_font = font(13 * unit)
+    pad = round(2 * unit)
+    placed: list[tuple[float, float, float, float]] = []
     for i, box in enumerate(boxes):
-        color = AOI_COLORS[i % len(AOI_COLORS)]
+        color = aoi_color(boxes, i)
         x0, y0, x1, y1 = box.to_pixels((h, w))
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(0, 0, 0), width=thick + 2)
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=thick)
         label = box.name if shares is None else f"{box.name} · {shares[i].share:.0%}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=text_font)
-        pad = round(2 * unit)
-        tx, ty = min(x0, max(0, w - (right - left) - 2 * pad)), max(0, y0 - (bottom - top) - 2 * pad - 1)
-        if ty == 0 and y0 < (bottom - top) + 2 * pad:  # no room above: the tag goes inside the box
-            ty = y0 + thick
-        draw.rectangle((tx, ty, tx + right - left + 2 * pad, ty + bottom - top + 2 * pad), fill=color)
+        tw, th = right - left + 2 * pad, bottom - top + 2 * pad
+        spots = [(float(min(max(0, tx), w - tw)), float(ty)) for ty in (y0 - th - 1, y1 + 1, y0 + thick, y1 - thick - th)
+                 for tx in (x0, x1 - tw)]  # fmt: skip
+        inside = [(tx, ty) for tx, ty in spots if 0 <= ty <= h - th]  # the image has room for the tag there
+        tx, ty = next(((tx, ty) for tx, ty in inside if not _overlaps((tx, ty, tx + tw, ty + th), avoid, placed)),
+                      inside[0] if inside else (spots[0][0], 0.0))  # fmt: skip
+        placed.append((tx, ty, tx + tw, ty + th))
+        draw.rectangle((tx, ty, tx + tw, ty + th), fill=color)
         draw.text((tx + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=text_font)
     return np.asarray(out)
+
+
+def caption_bar(image: np.ndarray, text: str) -> np.ndarray:
+    """The image with a white strip above it holding `text` (dark, left-aligned)."""
+    h, w = image.shape[:2]
+    unit, _ = _unit(image.shape)
+    text_font = font(15 * unit)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=text_font)
+    bar = round(bottom - top + 10 * unit)
+    page = Image.new("RGB", (w, h + bar), (255, 255, 255))
+    page.paste(Image.fromarray(np.ascontiguousarray(image)), (0, bar))
+    ImageDraw.Draw(page).text((round(6 * unit) - left, round(5 * unit) - top), text, fill=(20, 20, 20), font=text_font)
+    return np.asarray(page)
 
 
 def render_focus(image: np.ndarray, saliency: np.ndarray, mass: float = 0.75, fog: float = 0.85) -> np.ndarray:

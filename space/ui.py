@@ -27,6 +27,7 @@ import numpy as np
 
 from hub import analysis
 from hub.analysis import AoiShare, AttentionStats, Box, attention_stats
+from hub.card import SOURCE_URL
 from hub.preprocess import COLORMAPS, map_to_image
 from space import render, serving
 from space.serving import ModelLoadError, ModelStore, UploadError
@@ -183,6 +184,10 @@ ORDER_NOTE = (
     "strongest one not yet visited), not a scanpath model."
 )
 VARIANTS = "ABCD"
+# On a phone the columns stack and the result lands below the photo, out of sight: bring it up.
+SHOW_RESULT_JS = """() => {
+  if (window.innerWidth <= 640) document.getElementById("overlay")?.scrollIntoView({behavior: "smooth", block: "start"});
+}"""
 
 
 def focus_level(value: Any) -> float:
@@ -202,8 +207,10 @@ def boxes_from_annotator(value: Any) -> list[Box]:
     boxes = []
     for i, b in enumerate(value["boxes"][:MAX_AOIS]):
         name = str(b.get("label") or "").strip() or f"AOI {i + 1}"
+        color = b.get("color")  # the editor's colour for the box, kept for the report and Compare
+        color = tuple(int(c) for c in color) if isinstance(color, (list, tuple)) and len(color) == 3 else None
         try:
-            boxes.append(Box.from_pixels(name, b["xmin"], b["ymin"], b["xmax"], b["ymax"], size))
+            boxes.append(Box.from_pixels(name, b["xmin"], b["ymin"], b["xmax"], b["ymax"], size, color))
         except (KeyError, TypeError, ValueError):
             continue  # a box dragged off the image, or still being drawn: nothing to measure
     return boxes
@@ -258,7 +265,7 @@ def aoi_table(rows: list[AoiShare]) -> list[list[str]]:
 
 def aoi_csv_rows(image: str, size: tuple[int, int], boxes: list[Box], rows: list[AoiShare], model: str) -> list[list[Any]]:
     out: list[list[Any]] = [CSV_HEADERS]
-    for box, r in zip(boxes, rows):
+    for box, r in sorted(zip(boxes, rows), key=lambda pair: pair[1].rank):  # by rank, as the table
         out.append([image, r.name, f"{r.share:.4f}", f"{r.area:.4f}", f"{r.ratio:.3f}", r.rank,
                     *(f"{v:.4f}" for v in (box.x0, box.y0, box.x1, box.y1)), *box.to_pixels(size), model])  # fmt: skip
     return out
@@ -270,7 +277,7 @@ def annotator_value(image: np.ndarray, boxes: list[Box]) -> dict:
     return {
         "image": image,
         "boxes": [dict(zip(("xmin", "ymin", "xmax", "ymax"), b.to_pixels((h, w))), label=b.name,
-                       color=render.AOI_COLORS[i % len(render.AOI_COLORS)]) for i, b in enumerate(boxes)],
+                       color=render.aoi_color(boxes, i)) for i, b in enumerate(boxes)],
     }  # fmt: skip
 
 
@@ -302,14 +309,15 @@ def stats_markdown(stats: AttentionStats, size: tuple[int, int]) -> str:
         "(10 % would mean attention spread evenly; near 100 %, one spot takes it all)."
     )
     if stats.regions:
-        lines += ["", "| # | Share | Area | Centre (px) | Peak |", "|---|---|---|---|---|"]
-        for r in stats.regions:
-            cx, cy = round(r.centroid[0] * w), round(r.centroid[1] * h)
-            lines.append(f"| {r.index} | {r.share:.1%} | {r.area:.1%} | {cx}, {cy} | {r.peak_value:.2f} |")
+        lines += ["", "| # | Share | Area | Peak at (px) | Peak height |", "|---|---|---|---|---|"]
+        for r in stats.regions:  # the peak is where the region's number is drawn
+            px, py = round(r.peak[0] * w), round(r.peak[1] * h)
+            lines.append(f"| {r.index} | {r.share:.1%} | {r.area:.1%} | {px}, {py} | {r.peak_value:.2f} |")
         lines += [
             "",
             "*Share*: the region's part of all predicted attention. A region is the area around a peak where "
-            "the map stays above half the peak's value; *Peak* is its height relative to the highest peak.",
+            "the map stays above half the peak's value; *Peak at* is where its number is drawn (x, y from the "
+            "top left); *Peak height* is the peak relative to the highest one.",
         ]
     return "\n".join(lines)
 
@@ -480,7 +488,9 @@ class Handlers:
 
         stats = analysis.stats(display)
         order = analysis.order(places)
-        heat = render.draw_aois(analysis.overlay(display), boxes, analysis.aoi_shares(boxes) if boxes else None)
+        overlay = analysis.overlay(display)
+        heat = render.draw_aois(overlay, boxes, analysis.aoi_shares(boxes) if boxes else None,
+                                avoid=render.region_badges(stats.regions, overlay.shape))  # tags clear of the numbers
         panels = [
             render.ReportPanel("Image", analysis.preview_image),
             render.ReportPanel("Predicted attention (numbered peak regions" + (", AOIs)" if boxes else ")"), heat),
@@ -491,9 +501,7 @@ class Handlers:
         if boxes:
             rows = aoi_table(analysis.aoi_shares(boxes))
             # The report's font (Pillow's own) has no "÷" or "×".
-            table = [["#", *AOI_HEADERS]] + [
-                [str(i + 1), *(c.replace("×", "x") for c in row)] for i, row in enumerate(rows)
-            ]
+            table = [AOI_HEADERS] + [[c.replace("×", "x") for c in row] for row in rows]
         else:
             table = [["Peak region", "Attention", "Area", "Peak height"]] + [
                 [str(r.index), f"{r.share:.1%}", f"{r.area:.1%}", f"{r.peak_value:.2f}"] for r in stats.regions
@@ -548,7 +556,9 @@ class Handlers:
             per_variant.append(rows)
             stats = attention_stats(small_maps[i], 0)
             drawn = render.draw_aois(render.heat_overlay(image, shown, display.colormap, display.opacity), boxes, rows or None)
-            gallery.append((drawn, f"{VARIANTS[i]}: {upload.name} · top 10 % of pixels hold {stats.top10_share:.0%}"))
+            caption = f"{VARIANTS[i]}: {upload.name} · top 10 % of pixels hold {stats.top10_share:.0%}"
+            # On the image too: the gallery shows captions only in its enlarged view.
+            gallery.append((render.caption_bar(drawn, caption), caption))
         names = [u.name for u in uploads]
         if boxes:
             table = comparison_markdown(names, analysis.compare_aois(per_variant))
@@ -824,7 +834,8 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                                      elem_id="compare-input")  # fmt: skip
                 compare_go = gr.Button("Compare", variant="primary", elem_id="compare-go")
                 compare_status = gr.Markdown(elem_id="compare-status")
-                compare_gallery = gr.Gallery(label="Variants", columns=2, height="auto", format="webp", elem_id="compare-gallery")
+                compare_gallery = gr.Gallery(label="Variants", columns=2, height="auto", object_fit="contain", format="webp",
+                                             elem_id="compare-gallery")  # whole images, not square crops
                 compare_table = gr.Markdown(elem_id="compare-table")
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown(
@@ -834,12 +845,13 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                 batch_in = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="batch-input")
                 batch_go = gr.Button("Predict all", variant="primary")
                 batch_status = gr.Markdown()
-                gallery = gr.Gallery(label="Overlays", columns=3, height="auto", format="webp", elem_id="gallery")
+                gallery = gr.Gallery(label="Overlays", columns=3, height="auto", object_fit="contain", format="webp", elem_id="gallery")
                 zip_dl = gr.DownloadButton("Download all maps (zip)", visible=False, elem_id="download-zip")
         gr.Markdown(
             f"Images up to {serving.MAX_UPLOAD_MB} MB and {serving.MAX_PIXELS // 1_000_000} MP; maps are returned at "
             f"the original resolution up to {serving.MAX_OUTPUT_SIDE} px per side. Use the app from code through its "
-            "API (`/predict` and `/analyze`, see *Use via API* below)."
+            "API (`/predict` and `/analyze`): *Use via API* at the foot of the page on a wider screen (phones hide "
+            f"it), and the `gradio_client` examples in [space/README.md]({SOURCE_URL}/blob/main/space/README.md)."
         )
         state = gr.State(None, time_to_live=1800)  # the upload's Analysis: image and map
         aoi_boxes = gr.State([], time_to_live=1800)  # the AOIs as fractions of the image (hub.analysis.Box)
@@ -851,6 +863,7 @@ def build_demo(store: ModelStore) -> gr.Blocks:
             preprocess=False, show_progress_on=[views.overlay], trigger_mode="always_last", **inference, **private,
         )  # fmt: skip
         analysed.success(h.export, settings, [map_dl, overlay_dl], **quiet)
+        analysed.success(None, js=SHOW_RESULT_JS, **quiet)
         analysed.success(
             h.views, [state, aoi_boxes, views.focus_level, views.places], [views.focus, views.order, editor, aoi_rows], **quiet
         ).success(h.export_analysis, analysis_settings, [csv_dl, report_dl], **quiet)

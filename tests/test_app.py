@@ -430,9 +430,10 @@ def test_aois_focus_order_and_report_come_from_the_stored_map(handlers, tmp_path
     assert CountingStore.calls == calls  # AOIs, focus, viewing order, CSV and report never re-ran the model
     with open(csv_update["value"], encoding="utf-8-sig") as f:
         rows_csv = list(csv.DictReader(f))
-    assert [r["aoi"] for r in rows_csv] == ["logo", "AOI 2"] and rows_csv[0]["image"] == "poster.png"
-    assert (rows_csv[0]["xmin_px"], rows_csv[0]["xmax_px"], rows_csv[0]["ymax_px"]) == ("40", "120", "60")
-    assert float(rows_csv[0]["area_share"]) == pytest.approx(0.25) and rows_csv[0]["model"]
+    assert [r["rank"] for r in rows_csv] == ["1", "2"] and [r["aoi"] for r in rows_csv] == [r[0] for r in table2]  # as the table
+    logo = next(r for r in rows_csv if r["aoi"] == "logo")
+    assert rows_csv[0]["image"] == "poster.png" and (logo["xmin_px"], logo["xmax_px"], logo["ymax_px"]) == ("40", "120", "60")
+    assert float(logo["area_share"]) == pytest.approx(0.25) and logo["model"]
     with Image.open(report_update["value"]) as report:
         assert report.mode == "RGB" and report.width == 1600 and report.height > 800
         assert Path(report_update["value"]).name == "poster_report.png"
@@ -457,7 +458,11 @@ def test_compare_puts_variants_on_one_scale_with_the_same_aois(handlers, tmp_pat
         files.append(payload(tmp_path / f"v{i}.png"))
     boxes = [Box("left", 0, 0, 0.5, 1), Box("right", 0.5, 0, 1, 1)]
     gallery, table, status = handlers.compare(files, boxes, "turbo", 0.6)
-    assert [g[0].shape for g in gallery] == [(120, 160, 3), (60, 80, 3), (90, 120, 3)]
+    # Each variant at its own size under a strip naming it (the gallery hides captions until clicked).
+    bars = {g[0].shape[0] - h for g, (h, w) in zip(gallery, [(120, 160), (60, 80), (90, 120)])}
+    assert [g[0].shape[1:] for g in gallery] == [(160, 3), (80, 3), (120, 3)] and len(bars) == 1 and bars.pop() > 10
+    strip = gallery[0][0][: gallery[0][0].shape[0] - 120]
+    assert (strip == 255).mean() > 0.5 and strip.min() < 100  # white with dark text
     assert [c.split(":")[0] for _, c in gallery] == ["A", "B", "C"]
     assert "| AOI | A (v0.png) | B (v1.png) | C (v2.png) | Larger share |" in table
     assert "| left |" in table and "| right |" in table and "3 variants" in status
@@ -528,6 +533,37 @@ def test_focus_view_order_aois_and_one_colour_scale_are_drawn():
     assert peaked.max() == pytest.approx(1.0) and flat.max() < 0.5  # equal colours, equal density
     page = render.render_report("t", [render.ReportPanel("a", image), render.ReportPanel("b", fog)], [["h1", "h2"], ["x", "1"]], ["note"])
     assert page.shape[1] == 1600 and page.dtype == np.uint8
+
+
+def test_aoi_tags_keep_clear_of_peak_numbers_and_boxes_keep_their_editor_colour():
+    from hub.analysis import Box, attention_stats
+    from space.ui import annotator_value, boxes_from_annotator, stats_markdown
+
+    image = np.full((200, 200, 3), 100, np.uint8)
+    box = Box("headline", 0.25, 0.3, 0.75, 0.7)
+    plain = np.any(render.draw_aois(image, [box]) != image, axis=2)
+    assert plain[40:58, 52:70].any()  # the tag sits above the box by default
+    badge = (60, 44, 8)  # a peak number just above the box's left corner
+    moved = np.any(render.draw_aois(image, [box], avoid=[badge]) != image, axis=2)
+    yy, xx = np.mgrid[:200, :200]
+    assert not moved[(xx - 60) ** 2 + (yy - 44) ** 2 < 8**2].any()  # nothing drawn over the number
+    assert moved[46:58, 100:148].any() and not moved[46:58, 50:70].any()  # the tag moved to the right-hand end
+    m = blobs()
+    stats = attention_stats(m, 2)
+    assert [(x, y) for x, y, _ in render.region_badges(stats.regions, m.shape)] == [
+        (round(r.peak[0] * 160), round(r.peak[1] * 120)) for r in stats.regions]  # fmt: skip
+    # The table gives the peak, where the number is drawn (x, y in pixels).
+    r = stats.regions[0]
+    assert f"| 1 | {r.share:.1%} | {r.area:.1%} | {round(r.peak[0] * 160)}, {round(r.peak[1] * 120)} |" in stats_markdown(stats, m.shape)
+
+    # A box keeps the colour the editor gave it; boxes without one take the palette's (the editor's order).
+    value = {"image": image, "boxes": [{"label": "a", "xmin": 0, "ymin": 0, "xmax": 50, "ymax": 50, "color": (92, 172, 238)},
+                                       {"label": "b", "xmin": 50, "ymin": 50, "xmax": 100, "ymax": 100}]}  # fmt: skip
+    boxes = boxes_from_annotator(value)
+    assert boxes[0].color == (92, 172, 238) and boxes[1].color is None and boxes[0] == Box("a", 0, 0, 0.25, 0.25)
+    assert [b["color"] for b in annotator_value(image, boxes)["boxes"]] == [(92, 172, 238), render.AOI_COLORS[1]]
+    drawn = render.draw_aois(image, boxes)
+    assert tuple(drawn[25, 1]) == (92, 172, 238) or tuple(drawn[25, 0]) == (92, 172, 238)
 
 
 def test_display_values_from_the_page_are_clamped():
