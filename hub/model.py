@@ -32,7 +32,7 @@ from torch import nn
 
 from hub.card import DOCS_URL, SOURCE_URL, build_card
 from hub.config import STAGES, SaliencyConfig
-from hub.faces import apply_face_prior, image_faces
+from hub.faces import PendingFaces, apply_face_prior
 from hub.preprocess import ImageInput, images_to_tensor, load_image, model_input_size, tensor_to_maps
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,9 @@ class SaliencyUNet(
         y = self.head(self.up0(y))
         return torch.sigmoid(y[:, :, :h, :w])
 
-    def infer(self, x: torch.Tensor, net: nn.Module | None = None, faces: torch.Tensor | None = None) -> torch.Tensor:
+    def infer(
+        self, x: torch.Tensor, net: nn.Module | None = None, faces: torch.Tensor | PendingFaces | None = None
+    ) -> torch.Tensor:
         """What `predict` computes on a batch at model size: B x 3 x h x w in [0, 1] -> B x 1 x h x w fp32.
 
         The forward pass of `net` (the model itself, or its inference engine) with the config's
@@ -242,7 +244,9 @@ class SaliencyUNet(
         scores it selects by are those of the published behaviour.
         faces: B x 1 x h x w face maps of the batch's original images (`hub.faces.image_faces`),
             required when the config has a face prior (the detector needs the original image,
-            which `x` no longer is); ignored otherwise.
+            which `x` no longer is); ignored otherwise. Faces still being detected
+            (`hub.faces.PendingFaces`, or any object with `result()`) are waited for after the
+            forward pass, so that detection (other threads) runs while the network does.
         """
         net = self if net is None else net
         if self.config.flip_tta:
@@ -254,7 +258,7 @@ class SaliencyUNet(
             if faces is None:
                 raise ValueError(f"this model has a face prior (face_prior={self.config.face_prior:g}): pass "
                                  "faces=hub.faces.image_faces(original images, (h, w)) to infer().")
-            y = apply_face_prior(y, faces, self.config.face_prior)
+            y = apply_face_prior(y, faces.result() if hasattr(faces, "result") else faces, self.config.face_prior)
         return gaussian_blur(y, self.config.blur * max(y.shape[-2:])) if self.config.blur > 0 else y
 
     # -- inference ------------------------------------------------------------------------------
@@ -307,8 +311,10 @@ class SaliencyUNet(
 
         cfg = self.config
 
-        def load(chunk: list) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int]]]]:
-            """The chunk as batches of one model size each: (tensor, positions in chunk, original sizes)."""
+        def load(chunk: list) -> list[tuple[torch.Tensor, PendingFaces | None, list[int], list[tuple[int, int]]]]:
+            """The chunk as batches of one model size each: (tensor, its face maps to come, positions
+            in chunk, original sizes). Faces are detected in other threads, during the forward pass
+            on a GPU and beside it on a CPU."""
             arrays = [load_image(x) for x in chunk]
             groups: dict[tuple[int, int], list[int]] = {}
             for j, a in enumerate(arrays):
@@ -316,12 +322,14 @@ class SaliencyUNet(
             batches = []
             for size, members in groups.items():
                 x = images_to_tensor([arrays[j] for j in members], size)
-                faces = image_faces([arrays[j] for j in members], size) if cfg.face_prior > 0 else None
+                faces = PendingFaces(detector, [arrays[j] for j in members], size) if cfg.face_prior > 0 else None
                 batches.append((x.pin_memory() if prefetch else x, faces, members, [arrays[j].shape[:2] for j in members]))
             return batches
 
         maps: list = []
-        with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+        # Half the cores search for faces (one image each); the network has the rest (or a GPU).
+        detect_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(detect_workers) as detector, torch.inference_mode():
             pending = pool.submit(load, chunks[0]) if prefetch else None
             for i, chunk in enumerate(chunks):
                 if pending is not None:

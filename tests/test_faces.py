@@ -160,3 +160,29 @@ def test_image_faces_runs_the_detector_on_each_original_image(monkeypatch):
     monkeypatch.setattr(faces, "detect_faces", lambda im: seen.append(im.shape) or np.zeros((0, 4), np.float32))
     out = image_faces([np.zeros((30, 40, 3), np.uint8), np.zeros((50, 20, 3), np.uint8)], (32, 32))
     assert out.shape == (2, 1, 32, 32) and seen == [(30, 40, 3), (50, 20, 3)]
+
+
+def test_predict_detects_faces_in_other_threads_while_the_network_runs(monkeypatch):
+    import threading
+    from concurrent.futures import Future
+
+    threads = []
+    real = faces.detect_faces
+
+    def detect(image):
+        threads.append(threading.current_thread())
+        return real(image)
+
+    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=4)).eval()
+    monkeypatch.setattr(faces, "detect_faces", detect)
+    photos = [skdata.astronaut(), skdata.astronaut()[::2, ::2]]
+    maps = model.predict(photos, precision="fp32")
+    assert len(threads) == 2 and threading.main_thread() not in threads  # one task per image
+    assert [m.shape for m in maps] == [p.shape[:2] for p in photos]
+    # infer() takes the face maps or anything with result() (PendingFaces, a Future), waited for after the forward pass.
+    x = torch.rand(1, 3, 64, 64)
+    face = faces.face_maps([np.array([[0.2, 0.2, 0.5, 0.5]], np.float32)], (64, 64))
+    pending: Future = Future()
+    pending.set_result(face)
+    with torch.no_grad():
+        torch.testing.assert_close(model.infer(x, faces=pending), model.infer(x, faces=face))
