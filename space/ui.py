@@ -49,6 +49,7 @@ CSS = """
 .gradio-container {max-width: 1280px !important; margin: 0 auto;}
 #status p {margin: 0;}
 #stats table {font-variant-numeric: tabular-nums;}
+#compare-gallery .grid-wrap {max-height: none !important;}  /* whole variants, no inner scroll box */
 @media (max-width: 640px) {
   h1 {font-size: 1.45rem !important;}
   #stats table {font-size: 0.8rem;}
@@ -186,7 +187,7 @@ ORDER_NOTE = (
 VARIANTS = "ABCD"
 # On a phone the columns stack and the result lands below the photo, out of sight: bring it up.
 SHOW_RESULT_JS = """() => {
-  if (window.innerWidth <= 640) document.getElementById("overlay")?.scrollIntoView({behavior: "smooth", block: "start"});
+  if (window.innerWidth <= 640) document.getElementById("status")?.scrollIntoView({behavior: "smooth", block: "start"});
 }"""
 
 
@@ -285,7 +286,7 @@ def comparison_markdown(names: list[str], table: list[analysis.AoiComparison]) -
     """Which variant gives each AOI the larger share, as a Markdown table."""
     letters = [f"{VARIANTS[i]} ({n})" for i, n in enumerate(names)]
     lines = ["| AOI | " + " | ".join(letters) + " | Larger share |", "|---" * (len(names) + 2) + "|"]
-    for row in table:
+    for row in sorted(table, key=lambda r: -r.shares[0]):  # by A's share, as the AOI table ranks
         best = "tie (within 0.5 points)" if row.winner is None else f"**{VARIANTS[row.winner]}**"
         lines.append(f"| {row.name} | " + " | ".join(f"{s:.1%}" for s in row.shares) + f" | {best} |")
     return "\n".join(lines)
@@ -834,8 +835,8 @@ def build_demo(store: ModelStore) -> gr.Blocks:
                                      elem_id="compare-input")  # fmt: skip
                 compare_go = gr.Button("Compare", variant="primary", elem_id="compare-go")
                 compare_status = gr.Markdown(elem_id="compare-status")
-                compare_gallery = gr.Gallery(label="Variants", columns=2, height="auto", object_fit="contain", format="webp",
-                                             elem_id="compare-gallery")  # whole images, not square crops
+                compare_gallery = gr.Gallery(label="Variants", show_label=False, columns=2, height="auto", object_fit="contain",
+                                             format="webp", elem_id="compare-gallery")  # whole images, not square crops
                 compare_table = gr.Markdown(elem_id="compare-table")
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown(

@@ -466,6 +466,9 @@ def test_compare_puts_variants_on_one_scale_with_the_same_aois(handlers, tmp_pat
     assert [c.split(":")[0] for _, c in gallery] == ["A", "B", "C"]
     assert "| AOI | A (v0.png) | B (v1.png) | C (v2.png) | Larger share |" in table
     assert "| left |" in table and "| right |" in table and "3 variants" in status
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    a_share = {r.split("|")[1].strip(): float(r.split("|")[2].strip().rstrip("%")) for r in table.splitlines()[2:]}
+    assert rows == sorted(rows, key=lambda n: -a_share[n])  # by A's share, as the AOI table ranks
     _, no_aois, _ = handlers.compare(files[:2], [], "turbo", 0.6)
     assert "No areas of interest yet" in no_aois
     import gradio as gr

@@ -172,6 +172,13 @@ def test_draw_an_aoi_then_compare_and_download_the_report(browser, app, tmp_path
     table = page.inner_text("#compare-table")
     assert "logo" in table and "poster-b.jpg" in table
     assert page.locator("#compare-gallery img").count() >= 2
+    # Whole variants: nothing cropped (contain) and no inner scroll box hiding their lower part.
+    page.wait_for_timeout(300)
+    fits = page.evaluate("""() => [...document.querySelectorAll('#compare-gallery img')].map(img => {
+        const wrap = img.closest('.grid-wrap'), r = img.getBoundingClientRect(), w = wrap.getBoundingClientRect();
+        return {fit: getComputedStyle(img).objectFit, inside: r.bottom <= w.bottom + 1, scrolls: wrap.scrollHeight > wrap.clientHeight + 1};
+    })""")
+    assert fits and all(f["fit"] == "contain" and f["inside"] and not f["scrolls"] for f in fits), fits
     page.screenshot(path=tmp_path / "desktop-compare.png", full_page=True)
     assert errors == []
     page.close()
@@ -187,6 +194,10 @@ def test_phone_width_example_and_before_after(browser, app, tmp_path):
     overlay.wait_for(timeout=TIMEOUT_MS)
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('inference')", timeout=TIMEOUT_MS)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+    # The columns stack on a phone: the page scrolls the result up, from below the photo into view.
+    page.wait_for_function("() => { const r = document.querySelector('#overlay').getBoundingClientRect(); "
+                           "return r.top >= 0 && r.top < window.innerHeight / 2; }", timeout=TIMEOUT_MS)  # fmt: skip
+    assert "phones hide it" in page.inner_text("body")
     box = overlay.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
     overlay.scroll_into_view_if_needed()
