@@ -124,7 +124,8 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
     repeat = args.repeat or 7
     base, what = load_model(args.model, device)
     plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0, "face_prior": 0.0}
-    variants = {**OPTIONS, "flip_tta+blur+face_prior (defaults)": {"flip_tta": True, "blur": 0.02, "face_prior": 4.0},
+    variants = {**OPTIONS, "blur+face_prior (the defaults)": {"blur": 0.02, "face_prior": 4.0},
+                "flip_tta+blur+face_prior": {"flip_tta": True, "blur": 0.02, "face_prior": 4.0},
                 "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
     trained = base.state_dict()
     models = {}
