@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 
 import cv2
 import numpy as np
@@ -251,16 +251,18 @@ def apply_face_prior(pred: torch.Tensor, faces: torch.Tensor, weight: float) -> 
 
 class PendingFaces:
     """The face maps of a batch while its faces are being detected, one task per image in `pool`
-    (numpy and OpenCV release the GIL, so images are searched in parallel); `result()` waits."""
+    (numpy and OpenCV release the GIL, so images are searched in parallel); `result()` waits.
+    Without a pool the faces are detected here and now."""
 
-    def __init__(self, pool: Executor, images: Sequence[np.ndarray], size: tuple[int, int]) -> None:
-        self._boxes = [pool.submit(detect_faces, im) for im in images]
+    def __init__(self, pool: Executor | None, images: Sequence[np.ndarray], size: tuple[int, int]) -> None:
+        self._boxes = [pool.submit(detect_faces, im) if pool is not None else detect_faces(im) for im in images]
         self._size, self._aspects = size, [im.shape[1] / im.shape[0] for im in images]
 
     def result(self) -> torch.Tensor:
-        return face_maps([b.result() for b in self._boxes], self._size, self._aspects)
+        boxes = [b.result() if isinstance(b, Future) else b for b in self._boxes]
+        return face_maps(boxes, self._size, self._aspects)
 
 
 def image_faces(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
     """`face_maps` of original H x W x 3 uint8 images on the (h, w) model grid (detection included)."""
-    return face_maps([detect_faces(im) for im in images], size, [im.shape[1] / im.shape[0] for im in images])
+    return PendingFaces(None, images, size).result()

@@ -77,10 +77,11 @@ class TrainConfig:
     # gain; flip averaging adds 0.003 CC (less than the spread between seeds) for twice the
     # network's cost, so it is an option, which keeps predict() with the face prior within 2.2x of
     # the plain model on a CPU. The centre prior, aspect-true input, EMA and smaller crops fit the
-    # training collection better and the other one worse, so they stay options. The epoch is picked by validation KLD, not CC: in
-    # both runs where they disagreed, the KLD pick scored better on every eyecrowd metric. The face
-    # prior's weight 4 was picked on eyecrowd's odd ids (nus_scene's scenes hold no faces, so its own
-    # validation cannot choose it) and confirmed on the even ids (README, "What transfers").
+    # training collection better and the other one worse, so they stay options. The epoch is picked
+    # by validation KLD, not CC: in both runs where they disagreed, the KLD pick scored better on
+    # every eyecrowd metric. The face prior's weight 4 was picked on eyecrowd's odd ids (in all 500
+    # nus_scene images the detector fires 12 times, all false, so nus_scene cannot choose it) and
+    # confirmed on the even ids (README, "What transfers").
     center_prior: int = 0
     keep_aspect: bool = False
     flip_tta: bool = False
