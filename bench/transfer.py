@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hub import SaliencyUNet
 from hub.runtime import pick_device
-from train.data import atomic_write_text
+from hub.publish import atomic_write_text
 from train.evaluate import evaluate_model, select_samples
 
 COLUMNS = ("cc", "kld", "nss", "sim", "auc_judd", "sauc")

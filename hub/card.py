@@ -35,7 +35,7 @@ BASELINE_NAMES = {
     "mean": "mean ground-truth map of the training images",
 }
 # Higher is better for all but KLD; the card says so next to the table.
-LOWER_IS_BETTER = {"kld"}
+LOWER_IS_BETTER = {"kld", "loss"}  # metrics (and the training loss) where less is better
 
 CITATIONS = {
     "salicon": """@inproceedings{jiang2015salicon,

@@ -59,6 +59,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of a UTF-8 text file."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def atomic_save(save: Callable[..., Any], directory: str | Path, **kwargs: Any) -> Any:
     """Run `save(tmp_dir, **kwargs)` in a temp folder inside `directory`, then move each file in.
 

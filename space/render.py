@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hub.analysis import AoiShare, AttentionStats, Box, Fixation, Region, attention_stats, focus_mask, work_copy
 from hub.preprocess import map_to_image, overlay, resize_image, resize_map
+from hub.publish import atomic_write
 
 # Full-size overlays and maps are computed this many pixels at a time: blending works in float32
 # (16 bytes a pixel), which for a 4096 x 4096 image would otherwise mean ~0.7 GB at once.
@@ -317,11 +318,8 @@ def fit_within(image: np.ndarray, side: int) -> np.ndarray:
 
 
 def _write_atomic(data: bytes, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)  # a long session may outlive its swept scratch folder
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    # atomic_write creates the folder too: a long session may outlive its swept scratch folder
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def png_bytes(image: Image.Image, compress_level: int = 3) -> bytes:
@@ -343,13 +341,12 @@ def save_rgb_png(image: np.ndarray, path: str | os.PathLike) -> Path:
 
 def write_zip(entries: Iterable[tuple[str, bytes]], path: str | os.PathLike) -> Path:
     """A zip of (name, bytes) entries, written to a temp name and renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are already compressed
-        for name, data in entries:
-            zf.writestr(name, data)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are already compressed
+            for name, data in entries:
+                zf.writestr(name, data)
+
+    return atomic_write(path, write)
 
 
 def write_csv(rows: Iterable[Sequence[Any]], path: str | os.PathLike) -> Path:

@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from hub.preprocess import image_to_tensor, load_image, model_input_size, resize_image, resize_map
+from hub.publish import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -430,14 +431,6 @@ def write_split(splits: dict[str, list[Sample]], root: Path | Sequence[Path], ou
     data = str(root) if isinstance(root, (str, os.PathLike)) else [str(r) for r in root]
     payload = {"data": data[0] if isinstance(data, list) and len(data) == 1 else data, **{k: [s.id for s in v] for k, v in splits.items()}}
     atomic_write_text(Path(out) / "split.json", json.dumps(payload, indent=1))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- validation ---------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from hub.cli import print_error, setup_logging
 from hub.preprocess import map_to_image, resize_map
 from hub.runtime import PRECISIONS
 from train import metrics as M
-from train.data import DataError, GroundTruth, Sample, atomic_write_text, find_samples, has_splits, read_map
+from hub.publish import atomic_write_text
+from train.data import DataError, GroundTruth, Sample, find_samples, has_splits, read_map
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,16 @@ from hub.config import STAGES, parse_size
 from hub.faces import detect_faces, face_maps
 from hub.model import gaussian_blur
 from hub.preprocess import load_image, tensor_to_maps
-from hub.publish import PublishError, export, push
+from hub.card import LOWER_IS_BETTER
+from hub.publish import PublishError, atomic_write, atomic_write_text, export, push
 from hub.model import load_strict
 from hub.runtime import PRECISIONS, pick_device, precision_name, resolve_precision
-from train.data import DataError, SaliencyDataset, SizeBatchSampler, atomic_write_text, load_splits, scan, write_split
+from train.data import DataError, SaliencyDataset, SizeBatchSampler, load_splits, scan, write_split
 from train.evaluate import ALL_METRICS, EPOCH_METRICS, Scorer, format_table, summarize
 from train.losses import DEFAULT_LOSS, SaliencyLoss
 
 log = logging.getLogger("train")
 
-LOWER_IS_BETTER = {"kld", "loss"}
 
 
 @dataclass
@@ -519,10 +519,7 @@ def validate_best(
 
 def save_checkpoint(path: Path, **state: Any) -> None:
     """Atomic: torch.save to a temp file, then rename, so a kill never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

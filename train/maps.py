@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from hub.cli import print_error, setup_logging
+from hub.publish import atomic_write
 from train.data import IMAGE_SUFFIXES, _by_stem, fixation_map_from_points, fixations_from_csv, image_size
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ def counts_from_points(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def build_maps(images: Path, fixations_csv: Path, out: Path, sigma: float | None) -> int:
