@@ -21,6 +21,9 @@ for wheels in .whl .whl-app; do  # carried by bench/gpu_prepare.sh's two calls; 
             && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
 done
+# The face prior needs OpenCV 4's cascade classifier (hub.faces); the image's own OpenCV is used
+# (its wheel, 62 MB, does not fit beside the others), so a training run without one has no prior.
+face_prior=$($py -c "import cv2; print(4 if hasattr(cv2, 'CascadeClassifier') else 0)" 2>/dev/null || echo 0)
 steps=" ${STEPS:-0 1 2 3 4 5} "
 run_dir=runs/gpu-run
 step() { case "$steps" in *" $1 "*) echo; echo "== $* ($(date +%T))";; *) return 1;; esac; }
@@ -33,12 +36,13 @@ from hub.runtime import precision_name
 d = torch.device('cuda')
 print('torch', torch.__version__, torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability(),
       'auto precision:', precision_name(d))" 2>&1 | tee -a "$out/gpu.txt"
+$py -c "import cv2; print('OpenCV', cv2.__version__, '- face prior', $face_prior)" 2>&1 | tee -a "$out/gpu.txt"
 fi
 
 if step 1 "torchrun --nproc_per_node 1: 2 epochs of $data at 288x384 through NCCL, the real loader, auto precision"; then
 rm -rf "$run_dir"
 timeout 240 $py -m torch.distributed.run --standalone --nproc_per_node 1 -m train --data "$data" --out "$run_dir" \
-    --backbone-weights none --lr 1e-3 --size 288x384 --epochs 2 --batch-size 32 --workers 12 \
+    --backbone-weights none --lr 1e-3 --size 288x384 --epochs 2 --batch-size 32 --workers 12 --face-prior $face_prior \
     2>&1 | tee "$out/train_torchrun.txt"
 $py -c "import json; print('runs_on', json.load(open('$run_dir/train_config.json'))['runs_on'])" 2>&1 | tee -a "$out/train_torchrun.txt"
 fi

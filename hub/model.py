@@ -327,8 +327,10 @@ class SaliencyUNet(
             return batches
 
         maps: list = []
-        # Half the cores search for faces (one image each); the network has the rest (or a GPU).
-        detect_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        # Faces are searched by threads, one image each (OpenCV releases the GIL): half the cores
+        # beside a network on the CPU, all but one beside a GPU, where they must keep pace with it.
+        cores = os.cpu_count() or 2
+        detect_workers = max(1, min(16, cores - 1 if device.type == "cuda" else cores // 2))
         with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(detect_workers) as detector, torch.inference_mode():
             pending = pool.submit(load, chunks[0]) if prefetch else None
             for i, chunk in enumerate(chunks):

@@ -54,7 +54,7 @@ def metadata_requirements() -> dict[str, list[Requirement]]:
 
 
 def test_metadata_versions_are_the_pinned_versions():
-    """Each dependency is `>=` the version requirements*.txt pins, and every pin is a dependency."""
+    """Each dependency is `>=` the version requirements*.txt pins (with at most an upper bound `<`), and every pin is a dependency."""
     pinned = pins("requirements.txt", "requirements-dev.txt")
     listed = set()
     for group, reqs in metadata_requirements().items():
@@ -64,9 +64,12 @@ def test_metadata_versions_are_the_pinned_versions():
                 continue
             listed.add(name)
             assert name in pinned, f"pyproject.toml [{group}] lists {req.name}, which requirements*.txt does not pin"
-            assert str(req.specifier) == f">={pinned[name]}", (
+            lower = [s for s in req.specifier if s.operator == ">="]
+            others = [s for s in req.specifier if s.operator != ">="]
+            assert [str(s) for s in lower] == [f">={pinned[name]}"] and all(s.operator == "<" for s in others), (
                 f"pyproject.toml [{group}] says {req}, requirements*.txt pins {req.name}=={pinned[name]}"
             )
+            assert req.specifier.contains(pinned[name]), f"pyproject.toml [{group}] says {req}, which excludes the pin {pinned[name]}"
     build = {canonicalize_name(r.name): r for r in map(Requirement, pyproject()["build-system"]["requires"])}
     for name, req in build.items():  # the build backend: pinned for the offline install test, within the range
         assert name in pinned and req.specifier.contains(pinned[name]), f"requirements-dev.txt must pin {req}"
