@@ -82,6 +82,13 @@ def detect_faces(image: np.ndarray) -> np.ndarray:
     return np.clip(boxes, 0.0, 1.0).astype(np.float32).reshape(-1, 4)
 
 
+def search_threads(device: torch.device, cores: int) -> int:
+    """Threads that search a batch's images for faces, one image each, beside the network on `device`:
+    half the cores beside a network on the CPU (it has the rest), all but one beside a GPU, where
+    the searches must keep pace with it; at most 16."""
+    return max(1, min(16, cores - 1 if device.type == "cuda" else cores // 2))
+
+
 def face_maps(boxes: Sequence[np.ndarray], size: tuple[int, int], aspects: Sequence[float] | None = None) -> torch.Tensor:
     """B x 1 x h x w float32 maps in [0, 1]: per image the maximum of one Gaussian per face box.
 

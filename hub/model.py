@@ -32,7 +32,7 @@ from torch import nn
 
 from hub.card import DOCS_URL, SOURCE_URL, build_card
 from hub.config import STAGES, SaliencyConfig
-from hub.faces import PendingFaces, apply_face_prior
+from hub.faces import PendingFaces, apply_face_prior, search_threads
 from hub.preprocess import ImageInput, images_to_tensor, load_image, model_input_size, tensor_to_maps
 
 log = logging.getLogger(__name__)
@@ -327,10 +327,7 @@ class SaliencyUNet(
             return batches
 
         maps: list = []
-        # Faces are searched by threads, one image each (OpenCV releases the GIL): half the cores
-        # beside a network on the CPU, all but one beside a GPU, where they must keep pace with it.
-        cores = os.cpu_count() or 2
-        detect_workers = max(1, min(16, cores - 1 if device.type == "cuda" else cores // 2))
+        detect_workers = search_threads(device, os.cpu_count() or 2)
         with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(detect_workers) as detector, torch.inference_mode():
             pending = pool.submit(load, chunks[0]) if prefetch else None
             for i, chunk in enumerate(chunks):

@@ -50,6 +50,14 @@ def test_threads_search_with_their_own_cascade_and_find_what_one_thread_finds():
     assert len({id(c) for c in cascades}) == 3  # each thread its own (detectMultiScale is not safe to share)
 
 
+def test_search_threads_take_half_the_cores_beside_a_cpu_network_and_all_but_one_beside_a_gpu():
+    from hub.faces import search_threads
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: nothing touches CUDA
+    assert [search_threads(cpu, n) for n in (1, 2, 16, 64)] == [1, 1, 8, 16]
+    assert [search_threads(gpu, n) for n in (1, 2, 16, 64)] == [1, 1, 15, 16]
+
+
 def test_an_opencv_without_the_cascade_classifier_is_one_clear_sentence(monkeypatch):
     class NoCascade:  # OpenCV 5 dropped the cascade classifier
         __version__ = "5.0.0"
