@@ -109,8 +109,11 @@ OPTIONS = {
     "keep_aspect": {"keep_aspect": True},
     "flip_tta": {"flip_tta": True},
     "blur=0.02": {"blur": 0.02},
-    "face_prior=4": {"face_prior": 4.0},  # the face detector on the original photo (hub.faces)
+    # the face detectors on the original photo (hub.faces)
+    "face_prior=4 (frontal)": {"face_prior": 4.0, "face_detector": "frontal"},
+    "face_prior=4 (frontal+profile)": {"face_prior": 4.0, "face_detector": "frontal+profile"},
 }
+DEFAULTS = {"blur": 0.02, "face_prior": 4.0, "face_detector": "frontal+profile"}  # what training publishes (TrainConfig)
 
 
 def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -123,9 +126,10 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     repeat = args.repeat or 7
     base, what = load_model(args.model, device)
-    plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0, "face_prior": 0.0}
-    variants = {**OPTIONS, "blur+face_prior (the defaults)": {"blur": 0.02, "face_prior": 4.0},
-                "flip_tta+blur+face_prior": {"flip_tta": True, "blur": 0.02, "face_prior": 4.0},
+    plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0, "face_prior": 0.0, "face_detector": "frontal"}
+    variants = {**OPTIONS, "the defaults (blur, frontal+profile)": DEFAULTS,
+                "the defaults, frontal faces only": {**DEFAULTS, "face_detector": "frontal"},
+                "the defaults + flip_tta": {**DEFAULTS, "flip_tta": True},
                 "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
     trained = base.state_dict()
     models = {}

@@ -8,7 +8,7 @@ Everything after `--` goes to `python -m train` as it is (skipped when OUT alrea
 trained model, so a table can be rebuilt or extended). `--posthoc flip_tta,blur=auto` scores a
 copy of the trained model (OUT+NAME) with inference-time options switched on (face_prior=2 too): they change
 nothing in training, so one trained model gives their rows (blur=auto calibrates on OUT's own
-validation split, as `python -m train --blur auto` does). The trained model is then scored with
+validation split, as `python -m train --blur auto` does; face_detector=frontal or frontal+profile). The trained model is then scored with
 `train.evaluate` on every image of --eval-data, beside the centre prior and the leave-one-out
 mean map of that collection (a baseline that knows where its observers look on average and
 nothing about the picture). Writes OUT/transfer-<eval name>.json and prints a Markdown row;
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from hub import SaliencyUNet
+from hub.config import FACE_DETECTORS
 from hub.runtime import pick_device
 from hub.publish import atomic_write_text
 from train.evaluate import evaluate_model, select_samples
@@ -88,8 +89,12 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
                 changes["face_prior"] = float(value)
             except ValueError:
                 raise SystemExit(f"--posthoc {options!r}: face_prior takes a weight, e.g. face_prior=2") from None
+        elif key == "face_detector":
+            if value not in FACE_DETECTORS:
+                raise SystemExit(f"--posthoc {options!r}: face_detector is one of {', '.join(FACE_DETECTORS)}")
+            changes["face_detector"] = value
         else:
-            raise SystemExit(f"--posthoc {options!r}: use flip_tta, blur=VALUE|auto and face_prior=WEIGHT")
+            raise SystemExit(f"--posthoc {options!r}: use flip_tta, blur=VALUE|auto, face_prior=WEIGHT and face_detector=NAME")
     dest = out.parent / name
     if dest.exists():
         shutil.rmtree(dest)
@@ -100,10 +105,12 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
     cfg.face_prior = changes.get("face_prior", cfg.face_prior)
     best = json.loads((out / "metrics.json").read_text())["best"]
     model = SaliencyUNet.from_pretrained(out)
+    cfg.face_detector = changes.get("face_detector", model.config.face_detector)
     blur = changes.get("blur", model.config.blur)
     switched = SaliencyUNet(replace(model.config, flip_tta=changes.get("flip_tta", model.config.flip_tta),
                                     blur=0.0 if blur == "auto" else float(blur),
-                                    face_prior=changes.get("face_prior", model.config.face_prior)))
+                                    face_prior=changes.get("face_prior", model.config.face_prior),
+                                    face_detector=cfg.face_detector))
     switched.load_state_dict(model.state_dict())
     splits = load_splits(cfg.data_dirs, dest)
     export_model(switched, cfg, dest, best, len(splits["train"]))
@@ -111,7 +118,7 @@ def posthoc_copy(out: Path, name: str, options: str, select_metric: str = "kld")
         val_set = SaliencyDataset(splits["val"], cfg.input_size, keep_aspect=switched.config.keep_aspect, targets=False)
         scorer = Scorer(splits["val"], train_samples=splits["train"], seed=cfg.seed)
         if switched.config.face_prior > 0:
-            scorer.faces = val_faces(splits["val"], list(range(len(splits["val"]))), cfg.workers)
+            scorer.faces = val_faces(splits["val"], list(range(len(splits["val"]))), cfg.workers, cfg.face_detector)
         best = calibrate_blur(dest, val_set, scorer, torch.device("cpu"), cfg, best, len(splits["train"]))
         print(f"blur calibrated on validation ({best['blur_metric']}): {best['blur']}")
     return dest
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="row label (default: the --out folder's name)")
     p.add_argument("--table", type=Path, default=None, help="print the rows of every run under this folder and stop")
     p.add_argument("--device", default="auto")
-    p.add_argument("--posthoc", default=None, help="inference options to change in a copy: flip_tta, blur=VALUE|auto, face_prior=WEIGHT")
+    p.add_argument("--posthoc", default=None, help="inference options to change in a copy: flip_tta, blur=VALUE|auto, face_prior=WEIGHT, face_detector=NAME")
     args = p.parse_args(own)
     eval_name = args.eval_data.resolve().name
     if args.table is not None:

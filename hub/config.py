@@ -24,6 +24,10 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int, int]] = {
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
+# What `SaliencyConfig.face_detector` may name, and the cascades each runs (`hub.faces`).
+FACE_DETECTORS = {"frontal": ("frontal",), "frontal+profile": ("frontal", "profile")}
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """"288x384" -> (288, 384): the one reader of HxW sizes (flags of the CLIs and benchmarks)."""
     try:
@@ -57,8 +61,11 @@ class SaliencyConfig:
     blur: sigma of a Gaussian blur applied to the output map, as a fraction of its longer side
         (0: none); calibrated on validation data by `python -m train`.
     face_prior: weight w of the face prior (`hub.faces`): the map is multiplied by (1 + w x F),
-        F a Gaussian on each frontal face a detector finds in the image (0: none). An encoder
+        F a Gaussian on each face a detector finds in the image (0: none). An encoder
         trained from scratch on scene photos does not know faces, which draw gaze in any photo.
+    face_detector: which faces the prior looks for: "frontal" (OpenCV's LBP frontal-face
+        cascade; the default, so configs written before this field keep their behaviour) or
+        "frontal+profile" (and its Haar profile-face cascade, both ways: what training writes).
     """
 
     backbone: str = "resnet50"
@@ -71,6 +78,7 @@ class SaliencyConfig:
     flip_tta: bool = False
     blur: float = 0.0
     face_prior: float = 0.0
+    face_detector: str = "frontal"
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; normalise so configs compare equal.
@@ -98,6 +106,8 @@ class SaliencyConfig:
             )
         if not 0.0 <= self.face_prior <= 100.0:
             raise ValueError(f"face_prior {self.face_prior} must be between 0 (none) and 100, e.g. 2.")
+        if self.face_detector not in FACE_DETECTORS:
+            raise ValueError(f"face_detector {self.face_detector!r} must be one of {', '.join(FACE_DETECTORS)}.")
 
     @property
     def encoder_channels(self) -> tuple[int, int, int, int, int]:

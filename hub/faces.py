@@ -1,18 +1,21 @@
-"""Face prior: frontal faces found by a classic detector raise the predicted map where they are.
+"""Face prior: faces found by classic detectors raise the predicted map where they are.
 
 Faces draw gaze whatever the task (Cerf et al. 2008; Judd et al. 2009 add a Viola-Jones face
 channel for the same reason). An encoder trained from random weights on a few hundred scene
 photos never learns what a face is, so the model's maps miss the faces every observer looks at
 in photos of people. The prior adds that knowledge without training data: OpenCV's LBP
-frontal-face cascade (`lbpcascade_frontalface`, the file scikit-image ships; no download) runs on
-the original image with OpenCV's own `CascadeClassifier.detectMultiScale`, each face becomes a
-Gaussian the size of the face, and the map is multiplied by (1 + weight x face map)
-(`SaliencyConfig.face_prior`). Multiplying, not adding, keeps a face that the network finds plain
+frontal-face cascade (`lbpcascade_frontalface`, the file scikit-image ships) and, with the
+"frontal+profile" detector, OpenCV's Haar profile-face cascade (`haarcascade_profileface`, shipped
+with OpenCV; run on the image and on its mirror image, since it finds faces turned one way) run
+on the original image with OpenCV's own `CascadeClassifier.detectMultiScale` (no download). Each
+face becomes a Gaussian the size of the face, and the map is multiplied by
+(1 + weight x face map) (`SaliencyConfig.face_prior`, `SaliencyConfig.face_detector`). Multiplying, not adding, keeps a face that the network finds plain
 (e.g. a poster face in a corner) no hotter than the network's map allows times (1 + weight).
 
 OpenCV's detector is native code that releases the GIL, so images are searched in parallel by
-threads (`PendingFaces`): one search costs about 50 ms of one core at 640 px, and on a GPU machine
-the searches of a batch keep pace with the network only when they run on several cores at once.
+threads (`PendingFaces`): a frontal search costs about 50 ms of one core at 640 px, the two
+profile searches about 4 times that, and on a GPU machine the searches of a batch keep pace with
+the network only when they run on several cores at once.
 OpenCV 5 dropped the cascade classifier, hence OpenCV 4 (`opencv-python-headless<5`).
 
 Boxes are fractions of the image's width and height, so one detection serves any model size.
@@ -20,66 +23,108 @@ Boxes are fractions of the image's width and height, so one detection serves any
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future
 
 import cv2
 import numpy as np
 import torch
 
+from hub.config import FACE_DETECTORS
+
 # The detector runs on the image with its longer side at most this long, so faces of 24 px and
 # more there (1/27 of the frame; the cascade's window) are found whatever the photo's resolution.
 FACE_SIDE = 640
 SCALE_FACTOR = 1.1  # between pyramid levels (OpenCV's default)
 MIN_NEIGHBOURS = 3  # raw detections a face needs (OpenCV's default); fewer gives false faces on textures
+# The profile search (Haar, several times the LBP cascade's cost) runs on a smaller image with a
+# coarser pyramid: the cheapest of the settings tried that kept nearly all its gain (README).
+PROFILE_SIDE = 480
+PROFILE_SCALE_FACTOR = 1.15
 # A face's Gaussian: sigma = (longer side of its box) / FACE_SIGMA_DIV, so about the face itself.
 FACE_SIGMA_DIV = 2.5
 
-# One classifier per thread: detectMultiScale keeps its working buffers in the object, so two
-# threads must not search with the same one at once.
-_local = threading.local()
+# Loaded classifiers not in use, by cascade: detectMultiScale keeps its working buffers in the
+# object, so two threads must not search with the same one at once, and loading one costs about
+# as much as a small search (predict() starts new threads on every call).
+_idle: dict[str, list[cv2.CascadeClassifier]] = {}
+_idle_lock = threading.Lock()
 
 
-def _detector() -> cv2.CascadeClassifier:
-    """This thread's LBP frontal-face cascade, loaded on first use."""
-    found = getattr(_local, "cascade", None)
-    if found is not None:
-        return found
+def _load(name: str) -> cv2.CascadeClassifier:
     if not hasattr(cv2, "CascadeClassifier"):
         raise ImportError(f"the face prior needs OpenCV 4's cascade classifier, which OpenCV {cv2.__version__} does not have: "
                           "pip install 'opencv-python-headless>=4.14,<5'")  # fmt: skip
-    try:
-        from skimage import data as skdata
-    except ImportError as err:  # pragma: no cover - scikit-image is a core dependency
-        raise ImportError("this model's face prior needs scikit-image (it ships the cascade): pip install scikit-image") from err
-    # scikit-image's copy of the file misspells one tag (<featuhreParams>), which makes OpenCV's
-    # loader reject the whole file; it is read from memory with the tag mended.
-    with open(skdata.lbp_frontal_face_cascade_filename(), encoding="utf-8") as f:
-        text = f.read().replace("featuhreParams>", "featureParams>")
-    storage = cv2.FileStorage(text, cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
     cascade = cv2.CascadeClassifier()
-    if not cascade.read(storage.getFirstTopLevelNode()):
-        raise RuntimeError(f"OpenCV {cv2.__version__} could not read the face cascade {skdata.lbp_frontal_face_cascade_filename()}")
-    _local.cascade = cascade
+    if name == "profile":
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_profileface.xml")
+        ok = cascade.load(path)
+    else:
+        try:
+            from skimage import data as skdata
+        except ImportError as err:  # pragma: no cover - scikit-image is a core dependency
+            raise ImportError("this model's face prior needs scikit-image (it ships the cascade): pip install scikit-image") from err
+        # scikit-image's copy of the file misspells one tag (<featuhreParams>), which makes OpenCV's
+        # loader reject the whole file; it is read from memory with the tag mended.
+        path = skdata.lbp_frontal_face_cascade_filename()
+        with open(path, encoding="utf-8") as f:
+            text = f.read().replace("featuhreParams>", "featureParams>")
+        storage = cv2.FileStorage(text, cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
+        ok = cascade.read(storage.getFirstTopLevelNode())
+    if not ok:
+        raise RuntimeError(f"OpenCV {cv2.__version__} could not read the face cascade {path}")
     return cascade
 
 
-def detect_faces(image: np.ndarray) -> np.ndarray:
-    """Frontal faces in an H x W x 3 uint8 RGB image: N x 4 float32 boxes (x0, y0, x1, y1) as
-    fractions of the image's width and height, in [0, 1]. N may be 0."""
-    cascade = _detector()
-    h, w = image.shape[:2]
-    scale = min(1.0, FACE_SIDE / max(h, w))
-    small = image
-    if scale < 1.0:
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    gray = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2GRAY)
-    faces = np.asarray(cascade.detectMultiScale(gray, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBOURS), np.float64)
-    faces = faces.reshape(-1, 4)
+@contextlib.contextmanager
+def _detector(name: str) -> Iterator[cv2.CascadeClassifier]:
+    """A classifier of cascade `name` ("frontal": LBP frontal faces; "profile": Haar profile
+    faces) for this thread alone while the block runs: an idle one, or a new one."""
+    with _idle_lock:
+        idle = _idle.setdefault(name, [])
+        cascade = idle.pop() if idle else None
+    if cascade is None:
+        cascade = _load(name)
+    try:
+        yield cascade
+    finally:
+        with _idle_lock:
+            _idle[name].append(cascade)
+
+
+def _search(name: str, image: np.ndarray, side: int, scale_factor: float, mirror: bool = False) -> np.ndarray:
+    """Boxes (N x 4 float64: x0, y0, x1, y1 as fractions) that cascade `name` finds in the image
+    with its longer side at most `side` pixels (in its mirror image, mapped back, with `mirror`)."""
+    with _detector(name) as cascade:
+        h, w = image.shape[:2]
+        scale = min(1.0, side / max(h, w))
+        if scale < 1.0:
+            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+        if mirror:
+            gray = np.ascontiguousarray(gray[:, ::-1])
+        found = np.asarray(cascade.detectMultiScale(gray, scaleFactor=scale_factor, minNeighbors=MIN_NEIGHBOURS), np.float64)
+    x, y, bw, bh = found.reshape(-1, 4).T
     sh, sw = gray.shape
-    boxes = np.stack([faces[:, 0] / sw, faces[:, 1] / sh, (faces[:, 0] + faces[:, 2]) / sw, (faces[:, 1] + faces[:, 3]) / sh], 1)
-    return np.clip(boxes, 0.0, 1.0).astype(np.float32).reshape(-1, 4)
+    x0 = (sw - x - bw) if mirror else x
+    return np.stack([x0 / sw, y / sh, (x0 + bw) / sw, (y + bh) / sh], 1)
+
+
+def detect_faces(image: np.ndarray, detector: str) -> np.ndarray:
+    """Faces in an H x W x 3 uint8 RGB image: N x 4 float32 boxes (x0, y0, x1, y1) as fractions
+    of the image's width and height, in [0, 1]. N may be 0. detector: a key of `FACE_DETECTORS`,
+    "frontal" (the LBP frontal-face cascade) or "frontal+profile" (and the Haar profile-face
+    cascade on the image and its mirror image; a face both find is there twice, which the
+    maximum in `face_maps` makes harmless)."""
+    if detector not in FACE_DETECTORS:
+        raise ValueError(f"face detector {detector!r} is not one of {sorted(FACE_DETECTORS)}.")
+    found = [_search("frontal", image, FACE_SIDE, SCALE_FACTOR)]
+    if "profile" in FACE_DETECTORS[detector]:
+        found += [_search("profile", image, PROFILE_SIDE, PROFILE_SCALE_FACTOR, mirror) for mirror in (False, True)]
+    return np.clip(np.concatenate(found), 0.0, 1.0).astype(np.float32).reshape(-1, 4)
 
 
 def search_threads(device: torch.device, cores: int) -> int:
@@ -127,8 +172,8 @@ class PendingFaces:
     (OpenCV releases the GIL, so images are searched in parallel); `result()` waits.
     Without a pool the faces are detected here and now."""
 
-    def __init__(self, pool: Executor | None, images: Sequence[np.ndarray], size: tuple[int, int]) -> None:
-        self._boxes = [pool.submit(detect_faces, im) if pool is not None else detect_faces(im) for im in images]
+    def __init__(self, pool: Executor | None, images: Sequence[np.ndarray], size: tuple[int, int], detector: str) -> None:
+        self._boxes = [pool.submit(detect_faces, im, detector) if pool is not None else detect_faces(im, detector) for im in images]
         self._size, self._aspects = size, [im.shape[1] / im.shape[0] for im in images]
 
     def result(self) -> torch.Tensor:
@@ -136,6 +181,6 @@ class PendingFaces:
         return face_maps(boxes, self._size, self._aspects)
 
 
-def image_faces(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-    """`face_maps` of original H x W x 3 uint8 images on the (h, w) model grid (detection included)."""
-    return PendingFaces(None, images, size).result()
+def image_faces(images: Sequence[np.ndarray], size: tuple[int, int], detector: str) -> torch.Tensor:
+    """`face_maps` of original H x W x 3 uint8 images on the (h, w) model grid (detection by `detector` included)."""
+    return PendingFaces(None, images, size, detector).result()

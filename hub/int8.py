@@ -248,7 +248,7 @@ def _check_cc(model: nn.Module, engine: nn.Module, image: Any) -> float:
     from hub.preprocess import load_image
 
     x = _model_batch(model, image)
-    faces = image_faces([load_image(image)], tuple(x.shape[-2:])) if model.config.face_prior > 0 else None
+    faces = image_faces([load_image(image)], tuple(x.shape[-2:]), model.config.face_detector) if model.config.face_prior > 0 else None
     with torch.inference_mode():
         ref = model.infer(x.to(next(model.parameters()).device), faces=faces).double().flatten().cpu()
         got = model.infer(x, engine, faces).double().flatten()

@@ -257,7 +257,7 @@ class SaliencyUNet(
         if self.config.face_prior > 0:
             if faces is None:
                 raise ValueError(f"this model has a face prior (face_prior={self.config.face_prior:g}): pass "
-                                 "faces=hub.faces.image_faces(original images, (h, w)) to infer().")
+                                 "faces=hub.faces.image_faces(original images, (h, w), config.face_detector) to infer().")
             y = apply_face_prior(y, faces.result() if hasattr(faces, "result") else faces, self.config.face_prior)
         return gaussian_blur(y, self.config.blur * max(y.shape[-2:])) if self.config.blur > 0 else y
 
@@ -322,7 +322,7 @@ class SaliencyUNet(
             batches = []
             for size, members in groups.items():
                 x = images_to_tensor([arrays[j] for j in members], size)
-                faces = PendingFaces(detector, [arrays[j] for j in members], size) if cfg.face_prior > 0 else None
+                faces = PendingFaces(detector, [arrays[j] for j in members], size, cfg.face_detector) if cfg.face_prior > 0 else None
                 batches.append((x.pin_memory() if prefetch else x, faces, members, [arrays[j].shape[:2] for j in members]))
             return batches
 

@@ -1,6 +1,7 @@
 """The face prior (hub.faces): detection, face maps, how the model applies it, and training with it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,42 +13,85 @@ from hub import SaliencyConfig, SaliencyUNet
 from hub.faces import apply_face_prior, detect_faces, face_maps, image_faces
 from hub.preprocess import images_to_tensor
 from train.evaluate import Scorer
-from train.loop import batch_faces, run, val_faces
+from train.loop import TrainConfig, batch_faces, run, val_faces
 
 from test_train import blob_sample, tiny_config, tiny_data  # noqa: F401 - fixture
 
+EYECROWD = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyecrowd"
 # Where the face is in skimage's astronaut photo (public domain, NASA): x and y as fractions.
 ASTRONAUT_FACE = (0.35, 0.14, 0.53, 0.32)
 
 
 def test_detector_finds_the_face_in_a_photo_and_none_in_flat_or_tiny_images():
-    boxes = detect_faces(skdata.astronaut())
+    boxes = detect_faces(skdata.astronaut(), "frontal")
     assert boxes.dtype == np.float32 and boxes.shape[1] == 4 and (0 <= boxes).all() and (boxes <= 1).all()
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     x0, y0, x1, y1 = ASTRONAUT_FACE
     assert ((x0 < cx) & (cx < x1) & (y0 < cy) & (cy < y1)).any(), boxes
-    assert detect_faces(np.full((300, 400, 3), 128, np.uint8)).shape == (0, 4)
-    assert detect_faces(np.zeros((10, 12, 3), np.uint8)).shape == (0, 4)
+    for detector in ("frontal", "frontal+profile"):
+        assert detect_faces(np.full((300, 400, 3), 128, np.uint8), detector).shape == (0, 4)
+        assert detect_faces(np.zeros((10, 12, 3), np.uint8), detector).shape == (0, 4)
+    with pytest.raises(ValueError, match="frontal\\+profile"):
+        detect_faces(skdata.astronaut(), "eyes")
 
 
-def test_threads_search_with_their_own_cascade_and_find_what_one_thread_finds():
+def test_threads_search_at_once_with_classifiers_of_their_own_that_later_searches_reuse(monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    photos = [skdata.astronaut(), skdata.astronaut()[:, ::-1], np.ascontiguousarray(skdata.astronaut()[::2, ::2])] * 3
-    alone = [detect_faces(p) for p in photos]
+    photos = [skdata.astronaut(), skdata.astronaut()[:, ::-1], np.ascontiguousarray(skdata.astronaut()[::2, ::2])] * 2
+    alone = [detect_faces(p, "frontal+profile") for p in photos]
     with ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(detect_faces, photos))
-        meet = threading.Barrier(3)  # three tasks at once, so on three threads
-
-        def cascade(_: int):
-            meet.wait()
-            return faces._detector()
-
-        cascades = list(pool.map(cascade, range(3)))
+        together = list(pool.map(lambda p: detect_faces(p, "frontal+profile"), photos))
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
-    assert len({id(c) for c in cascades}) == 3  # each thread its own (detectMultiScale is not safe to share)
+    # detectMultiScale is not safe to share: three searches at once hold three classifiers ...
+    monkeypatch.setattr(faces, "_idle", {})
+    loads = []
+    monkeypatch.setattr(faces, "_load", lambda name: loads.append(name) or object())
+    meet = threading.Barrier(3)
+
+    def hold(_: int) -> int:
+        with faces._detector("frontal") as cascade:
+            meet.wait()
+            return id(cascade)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert len(set(pool.map(hold, range(3)))) == 3
+    # ... and the next searches, in new threads as predict() starts them, load none again.
+    def use(_: int) -> None:
+        with faces._detector("frontal"):
+            pass
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(use, range(4)))
+    assert loads == ["frontal"] * 3 and len(faces._idle["frontal"]) == 3
+
+
+def test_profile_faces_are_searched_in_the_image_and_its_mirror_image(monkeypatch):
+    class Fake:  # a cascade that finds one 30-px face 10 px from the left of whatever it is given
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def detectMultiScale(self, gray, scaleFactor, minNeighbors):  # noqa: N802, N803 - OpenCV's names
+            return [(10, 20, 30, 30)] if self.name == "profile" else ()
+
+    monkeypatch.setattr(faces, "_idle", {})
+    monkeypatch.setattr(faces, "_load", Fake)
+    image = np.zeros((200, 400, 3), np.uint8)  # under both search sides: searched as it is
+    assert detect_faces(image, "frontal").shape == (0, 4)
+    np.testing.assert_allclose(detect_faces(image, "frontal+profile"),
+                               [[10 / 400, 20 / 200, 40 / 400, 50 / 200], [360 / 400, 20 / 200, 390 / 400, 50 / 200]])
+
+
+@pytest.mark.skipif(not EYECROWD.is_dir(), reason="needs ../shared/data/eyecrowd")
+def test_profile_search_finds_the_turned_faces_of_a_crowd_that_the_frontal_one_misses():
+    from hub.preprocess import load_image
+
+    photo = load_image(EYECROWD / "images" / "250.jpg")  # a seminar audience, most faces turned
+    frontal, both = detect_faces(photo, "frontal"), detect_faces(photo, "frontal+profile")
+    assert len(both) > len(frontal) >= 1
+    np.testing.assert_array_equal(both[: len(frontal)], frontal)
 
 
 def test_search_threads_take_half_the_cores_beside_a_cpu_network_and_all_but_one_beside_a_gpu():
@@ -63,15 +107,15 @@ def test_an_opencv_without_the_cascade_classifier_is_one_clear_sentence(monkeypa
         __version__ = "5.0.0"
 
     monkeypatch.setattr(faces, "cv2", NoCascade())
-    monkeypatch.setattr(faces, "_local", __import__("threading").local())
+    monkeypatch.setattr(faces, "_idle", {})
     with pytest.raises(ImportError, match=r"OpenCV 4's cascade classifier.*opencv-python-headless>=4.14,<5"):
-        detect_faces(skdata.astronaut())
+        detect_faces(skdata.astronaut(), "frontal")
 
 
 def test_a_large_photo_is_searched_at_the_detector_side_with_the_same_relative_boxes():
     small = skdata.astronaut()
     big = np.repeat(np.repeat(small, 3, axis=0), 3, axis=1)  # 1536 x 1536, searched at 640
-    near = [np.abs(detect_faces(big) - b).max(1).min() for b in detect_faces(small) if (b[0] + b[2]) / 2 < 0.53]
+    near = [np.abs(detect_faces(big, "frontal") - b).max(1).min() for b in detect_faces(small, "frontal") if (b[0] + b[2]) / 2 < 0.53]
     assert near and min(near) < 0.05
 
 
@@ -110,6 +154,14 @@ def test_config_keeps_the_face_prior_and_old_configs_have_none(tmp_path):
     assert SaliencyConfig.from_dict({k: v for k, v in saved.items() if k != "face_prior"}).face_prior == 0.0
     with pytest.raises(ValueError, match="face_prior"):
         SaliencyConfig(face_prior=-1)
+    # The detector: frontal faces in configs written before it was a field, what the config says otherwise.
+    assert saved["face_detector"] == "frontal"
+    assert SaliencyConfig.from_dict({k: v for k, v in saved.items() if k != "face_detector"}).face_detector == "frontal"
+    profile = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=2, face_detector="frontal+profile"))
+    profile.save_pretrained(tmp_path / "p")
+    assert SaliencyUNet.from_pretrained(tmp_path / "p").config.face_detector == "frontal+profile"
+    with pytest.raises(ValueError, match="face_detector 'eyes' must be one of frontal, frontal\\+profile"):
+        SaliencyConfig(face_detector="eyes")
 
 
 def test_infer_needs_the_face_maps_of_a_model_with_a_face_prior():
@@ -129,7 +181,7 @@ def test_predict_raises_the_map_on_the_faces_it_finds():
     # What predict computes: the network's map times the face map of the original photo, normalised.
     with torch.no_grad():
         x = images_to_tensor([photo], (128, 128))
-        expected = with_faces.infer(x, faces=image_faces([photo], (128, 128)))
+        expected = with_faces.infer(x, faces=image_faces([photo], (128, 128), "frontal"))
     y = torch.nn.functional.interpolate(expected, size=photo.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
     assert np.corrcoef(y.ravel(), b.ravel())[0, 1] > 0.999
     h, w = photo.shape[:2]
@@ -142,16 +194,16 @@ def test_predict_raises_the_map_on_the_faces_it_finds():
 def test_validation_applies_the_face_prior_with_boxes_detected_once(tiny_data, tmp_path, monkeypatch):  # noqa: F811
     calls = []
 
-    def fake_detect(image):
-        calls.append(image.shape)
+    def fake_detect(image, detector):
+        calls.append((image.shape, detector))
         return np.array([[0.0, 0.0, 0.5, 0.5]], np.float32)
 
     monkeypatch.setattr("train.loop.detect_faces", fake_detect)
     from train.data import find_samples
 
     samples = find_samples(tiny_data)[:3]
-    boxes = val_faces(samples, [0, 2], workers=0)
-    assert sorted(boxes) == [0, 2] and len(calls) == 2
+    boxes = val_faces(samples, [0, 2], workers=0, detector="frontal")
+    assert sorted(boxes) == [0, 2] and len(calls) == 2 and {d for _, d in calls} == {"frontal"}
     scorer = Scorer(samples, baselines=())
     scorer.faces = boxes
     maps = batch_faces(scorer, [2, 0], torch.zeros(2, 3, 32, 32))
@@ -159,20 +211,23 @@ def test_validation_applies_the_face_prior_with_boxes_detected_once(tiny_data, t
     scorer.faces = None
     assert batch_faces(scorer, [0], torch.zeros(1, 3, 32, 32)) is None
 
-    # A run with --face-prior validates with it and publishes it in config.json.
+    # A run with --face-prior validates with it and publishes it, and its detector, in config.json.
     calls.clear()
     out = tmp_path / "out"
-    run(tiny_config(tiny_data, out, face_prior=2.0, blur="auto"))
-    assert json.loads((out / "config.json").read_text())["face_prior"] == 2.0
+    run(tiny_config(tiny_data, out, face_prior=2.0, face_detector="frontal+profile", blur="auto"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["face_prior"] == 2.0 and config["face_detector"] == "frontal+profile"
     assert len(calls) == len(json.loads((out / "split.json").read_text())["val"])
+    assert {d for _, d in calls} == {"frontal+profile"}
     assert "--face-prior 2.0" in (out / "README.md").read_text()
+    assert TrainConfig().face_detector == "frontal+profile"  # what a run publishes unless told otherwise
 
 
 def test_image_faces_runs_the_detector_on_each_original_image(monkeypatch):
     seen = []
-    monkeypatch.setattr(faces, "detect_faces", lambda im: seen.append(im.shape) or np.zeros((0, 4), np.float32))
-    out = image_faces([np.zeros((30, 40, 3), np.uint8), np.zeros((50, 20, 3), np.uint8)], (32, 32))
-    assert out.shape == (2, 1, 32, 32) and seen == [(30, 40, 3), (50, 20, 3)]
+    monkeypatch.setattr(faces, "detect_faces", lambda im, detector: seen.append((im.shape, detector)) or np.zeros((0, 4), np.float32))
+    out = image_faces([np.zeros((30, 40, 3), np.uint8), np.zeros((50, 20, 3), np.uint8)], (32, 32), "frontal+profile")
+    assert out.shape == (2, 1, 32, 32) and seen == [((30, 40, 3), "frontal+profile"), ((50, 20, 3), "frontal+profile")]
 
 
 def test_predict_detects_faces_in_other_threads_while_the_network_runs(monkeypatch):
@@ -182,15 +237,16 @@ def test_predict_detects_faces_in_other_threads_while_the_network_runs(monkeypat
     threads = []
     real = faces.detect_faces
 
-    def detect(image):
-        threads.append(threading.current_thread())
-        return real(image)
+    def detect(image, detector):
+        threads.append((threading.current_thread(), detector))
+        return real(image, detector)
 
-    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=4)).eval()
+    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=4, face_detector="frontal+profile")).eval()
     monkeypatch.setattr(faces, "detect_faces", detect)
     photos = [skdata.astronaut(), skdata.astronaut()[::2, ::2]]
     maps = model.predict(photos, precision="fp32")
-    assert len(threads) == 2 and threading.main_thread() not in threads  # one task per image
+    assert len(threads) == 2 and threading.main_thread() not in [t for t, _ in threads]  # one task per image
+    assert {d for _, d in threads} == {"frontal+profile"}  # the config's detector
     assert [m.shape for m in maps] == [p.shape[:2] for p in photos]
     # infer() takes the face maps or anything with result() (PendingFaces, a Future), waited for after the forward pass.
     x = torch.rand(1, 3, 64, 64)

@@ -352,7 +352,7 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     loader = DataLoader(val_set, batch_sampler=SizeBatchSampler(val_set.sizes, 2))
     scorer = Scorer(val, train_samples=[by_id[i] for i in split["train"]], seed=3)
     if model.config.face_prior > 0:  # the default: the faces the ranks detected and shared, detected here alone
-        scorer.faces = val_faces(val, list(range(len(val))), workers=0)
+        scorer.faces = val_faces(val, list(range(len(val))), workers=0, detector=model.config.face_detector)
     alone = evaluate(model, loader, scorer, torch.device("cpu"), show=False, precision="fp32")
     ddp = metrics["epochs"][-1]["val"]
     assert alone["n_images"] == ddp["n_images"] == 3
