@@ -255,3 +255,11 @@ def test_predict_detects_faces_in_other_threads_while_the_network_runs(monkeypat
     pending.set_result(face)
     with torch.no_grad():
         torch.testing.assert_close(model.infer(x, faces=pending), model.infer(x, faces=face))
+
+
+def test_the_detector_benchmark_names_a_folder_without_photos(tmp_path):
+    from bench import faces as bench_faces
+
+    (tmp_path / "notes.txt").write_text("no photos here")
+    with pytest.raises(SystemExit, match=r"--data .*: no \.jpg or \.png images there"):
+        bench_faces.main(["--data", str(tmp_path)])
