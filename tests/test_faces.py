@@ -160,6 +160,10 @@ def test_config_keeps_the_face_prior_and_old_configs_have_none(tmp_path):
     profile = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=2, face_detector="frontal+profile"))
     profile.save_pretrained(tmp_path / "p")
     assert SaliencyUNet.from_pretrained(tmp_path / "p").config.face_detector == "frontal+profile"
+    # The card says which faces raise the map.
+    assert "Haar profile-face" in (tmp_path / "p" / "README.md").read_text()
+    assert "LBP frontal-face" in (tmp_path / "m" / "README.md").read_text()
+    assert "profile" not in (tmp_path / "m" / "README.md").read_text()
     with pytest.raises(ValueError, match="face_detector 'eyes' must be one of frontal, frontal\\+profile"):
         SaliencyConfig(face_detector="eyes")
 
