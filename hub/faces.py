@@ -95,18 +95,21 @@ def _detector(name: str) -> Iterator[cv2.CascadeClassifier]:
             _idle[name].append(cascade)
 
 
-def _search(name: str, image: np.ndarray, side: int, scale_factor: float, mirror: bool = False) -> np.ndarray:
-    """Boxes (N x 4 float64: x0, y0, x1, y1 as fractions) that cascade `name` finds in the image
-    with its longer side at most `side` pixels (in its mirror image, mapped back, with `mirror`)."""
+def _gray(image: np.ndarray, side: int) -> np.ndarray:
+    """The RGB image in grey, its longer side at most `side` pixels (area-averaged)."""
+    h, w = image.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    if scale < 1.0:
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+
+
+def _search(name: str, gray: np.ndarray, scale_factor: float, mirror: bool = False) -> np.ndarray:
+    """Boxes (N x 4 float64: x0, y0, x1, y1 as fractions of the image) that cascade `name` finds
+    in a grey image (in its mirror image, mapped back, with `mirror`)."""
+    searched = np.ascontiguousarray(gray[:, ::-1]) if mirror else gray
     with _detector(name) as cascade:
-        h, w = image.shape[:2]
-        scale = min(1.0, side / max(h, w))
-        if scale < 1.0:
-            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-        if mirror:
-            gray = np.ascontiguousarray(gray[:, ::-1])
-        found = np.asarray(cascade.detectMultiScale(gray, scaleFactor=scale_factor, minNeighbors=MIN_NEIGHBOURS), np.float64)
+        found = np.asarray(cascade.detectMultiScale(searched, scaleFactor=scale_factor, minNeighbors=MIN_NEIGHBOURS), np.float64)
     x, y, bw, bh = found.reshape(-1, 4).T
     sh, sw = gray.shape
     x0 = (sw - x - bw) if mirror else x
@@ -121,9 +124,10 @@ def detect_faces(image: np.ndarray, detector: str) -> np.ndarray:
     maximum in `face_maps` makes harmless)."""
     if detector not in FACE_DETECTORS:
         raise ValueError(f"face detector {detector!r} is not one of {sorted(FACE_DETECTORS)}.")
-    found = [_search("frontal", image, FACE_SIDE, SCALE_FACTOR)]
+    found = [_search("frontal", _gray(image, FACE_SIDE), SCALE_FACTOR)]
     if "profile" in FACE_DETECTORS[detector]:
-        found += [_search("profile", image, PROFILE_SIDE, PROFILE_SCALE_FACTOR, mirror) for mirror in (False, True)]
+        gray = _gray(image, PROFILE_SIDE)
+        found += [_search("profile", gray, PROFILE_SCALE_FACTOR, mirror) for mirror in (False, True)]
     return np.clip(np.concatenate(found), 0.0, 1.0).astype(np.float32).reshape(-1, 4)
 
 
