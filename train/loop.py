@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hub import SaliencyConfig, SaliencyUNet
+from hub.card import LOWER_IS_BETTER
 from hub.cli import print_error, setup_logging
 from hub.config import FACE_DETECTORS, STAGES, parse_size
 from hub.faces import detect_faces, face_maps
 from hub.model import gaussian_blur
 from hub.preprocess import load_image, tensor_to_maps
-from hub.card import LOWER_IS_BETTER
 from hub.publish import PublishError, atomic_write, atomic_write_text, export, push
 from hub.model import load_strict
 from hub.runtime import PRECISIONS, pick_device, precision_name, resolve_precision
@@ -47,7 +47,6 @@ from train.evaluate import ALL_METRICS, EPOCH_METRICS, Scorer, format_table, sum
 from train.losses import DEFAULT_LOSS, SaliencyLoss
 
 log = logging.getLogger("train")
-
 
 
 @dataclass
@@ -75,8 +74,8 @@ class TrainConfig:
     # Defaults chosen by leave-one-dataset-out measurements (train on nus_scene, score on eyecrowd;
     # README, "What transfers"): a calibrated blur is neutral there and the face prior the largest
     # gain; flip averaging adds 0.003 CC (less than the spread between seeds) for twice the
-    # network's cost, so it is an option. The centre prior, aspect-true input, EMA and smaller crops fit the
-    # training collection better and the other one worse, so they stay options. The epoch is picked
+    # network's cost, so it is an option. The centre prior, aspect-true input, EMA and smaller
+    # crops fit the training collection better and the other one worse, so they stay options. The epoch is picked
     # by validation KLD, not CC: in both runs where they disagreed, the KLD pick scored better on
     # every eyecrowd metric. The face prior's weight 4 was picked on eyecrowd's odd ids (in all 500
     # nus_scene images the detector fires 12 times, all false, so nus_scene cannot choose it) and
