@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2", help="pool sizes for the throughput rows, e.g. 1,2,8")
     p.add_argument("--repeat", type=int, default=3, help="timed passes over the photos (the median is reported)")
     args = p.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",") if t]
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t]
+    except ValueError:
+        p.error(f"--threads {args.threads!r} is not a list of thread counts, e.g. 1,2,8")
+    if args.limit < 1 or args.repeat < 1 or not threads or min(threads) < 1:
+        p.error("--limit, --repeat and every --threads count must be at least 1")
     images, source = photos(args.data, args.limit)
     print(f"CPU: {cpu_summary()}")
     print(f"photos: {len(images)} from {source}; {args.repeat} timed passes after one warm-up\n")

@@ -49,6 +49,7 @@ from bench.common import cc, cpu_summary, load_model, natural_images, synchroniz
 from hub.cli import print_error
 from hub.config import parse_size
 from hub.preprocess import images_to_tensor
+from hub.publish import atomic_write_text
 from hub.runtime import engine_precision, inference_engine, native_bf16, native_fp16, native_int8, pick_device
 
 PATHS = ("reference", "default", "bf16", "fp16", "fp32", "int8", "compiled")
@@ -358,9 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = run_options(args) if args.options else run(args)
     if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(args.json)
+        atomic_write_text(args.json, json.dumps(records, indent=1))
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

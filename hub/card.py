@@ -34,9 +34,6 @@ BASELINE_NAMES = {
     "center": "centre prior (a Gaussian at the image centre)",
     "mean": "mean ground-truth map of the training images",
 }
-# Higher is better for all but KLD; the card says so next to the table.
-LOWER_IS_BETTER = {"kld", "loss"}  # metrics (and the training loss) where less is better
-
 CITATIONS = {
     "salicon": """@inproceedings{jiang2015salicon,
   title={SALICON: Saliency in Context},

@@ -75,7 +75,7 @@ def _load(name: str) -> cv2.CascadeClassifier:
         storage = cv2.FileStorage(text, cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
         ok = cascade.read(storage.getFirstTopLevelNode())
     if not ok:
-        raise RuntimeError(f"OpenCV {cv2.__version__} could not read the face cascade {path}")
+        raise RuntimeError(f"OpenCV {cv2.__version__} could not read the face cascade {path}; reinstall opencv-python-headless and scikit-image.")
     return cascade
 
 
@@ -123,7 +123,7 @@ def detect_faces(image: np.ndarray, detector: str) -> np.ndarray:
     cascade on the image and its mirror image; a face both find is there twice, which the
     maximum in `face_maps` makes harmless)."""
     if detector not in FACE_DETECTORS:
-        raise ValueError(f"face detector {detector!r} is not one of {sorted(FACE_DETECTORS)}.")
+        raise ValueError(f"face detector {detector!r} must be one of {', '.join(FACE_DETECTORS)}.")
     found = [_search("frontal", _gray(image, FACE_SIDE), SCALE_FACTOR)]
     if "profile" in FACE_DETECTORS[detector]:
         gray = _gray(image, PROFILE_SIDE)

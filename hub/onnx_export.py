@@ -5,8 +5,8 @@
 The graph is the model's own `forward`: input "image", B x 3 x H x W float32 RGB in [0, 1]
 (normalisation is inside the graph, as in PyTorch); output "saliency", B x 1 x H x W in [0, 1].
 Resize images to the model's `input_size` (config.json) as `hub.preprocess` does, and divide
-each map by its maximum for display. The config's inference options (`flip_tta`, `face_prior`,
-`blur`) are not in the graph: apply them around it as `SaliencyUNet.infer` does. Needs `onnx`, `onnxscript` and `onnxruntime`
+each map by its maximum for display. The config's inference options (`flip_tta`, `face_prior`
+with its `face_detector`, `blur`) are not in the graph: apply them around it as `SaliencyUNet.infer` does. Needs `onnx`, `onnxscript` and `onnxruntime`
 (requirements-dev.txt).
 """
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import tempfile
@@ -40,16 +41,19 @@ class PublishError(RuntimeError):
     """A push that could not happen; the message is one sentence saying what to do."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], Any], per_process: bool = True) -> Path:
     """Call `write(tmp)` on a temp file beside `path`, then rename it to `path`.
 
     The file appears complete or not at all (rename is atomic within one file system), so a
     reader, or a later run that skips existing outputs, never sees half a file. The project's
     one helper for this; `atomic_save` does the same for a whole folder.
+    per_process: the temp file's name carries the process id, so processes writing the same
+    path at once do not collide. False: one fixed name (`.NAME.tmp`), for a file only one process
+    writes, so that the next write replaces what a killed one left (a checkpoint is large).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if per_process else f".{path.name}.tmp")
     try:
         write(tmp)
         tmp.chmod(0o666 & ~_umask())  # some writers create 0600 files; give the file a plain write's mode
@@ -83,7 +87,10 @@ def atomic_save(save: Callable[..., Any], directory: str | Path, **kwargs: Any) 
     return result
 
 
+@functools.lru_cache(maxsize=1)
 def _umask() -> int:
+    """The process's umask, read once: os.umask can only be read by setting it, which would give
+    files that other threads create meanwhile the wrong mode."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -69,19 +69,23 @@ def test_threads_search_at_once_with_classifiers_of_their_own_that_later_searche
 
 
 def test_profile_faces_are_searched_in_the_image_and_its_mirror_image(monkeypatch):
-    class Fake:  # a cascade that finds one 30-px face 10 px from the left of whatever it is given
+    class Fake:  # a cascade whose "profile face" is the bright square of whatever grey image it is given
         def __init__(self, name: str) -> None:
             self.name = name
 
         def detectMultiScale(self, gray, scaleFactor, minNeighbors):  # noqa: N802, N803 - OpenCV's names
-            return [(10, 20, 30, 30)] if self.name == "profile" else ()
+            if self.name != "profile":
+                return ()
+            ys, xs = np.nonzero(gray > 128)
+            return [(xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min())]
 
     monkeypatch.setattr(faces, "_idle", {})
     monkeypatch.setattr(faces, "_load", Fake)
     image = np.zeros((200, 400, 3), np.uint8)  # under both search sides: searched as it is
+    image[20:50, 10:40] = 255  # off-centre, so a search of the unflipped image in the mirror pass lands elsewhere
     assert detect_faces(image, "frontal").shape == (0, 4)
-    np.testing.assert_allclose(detect_faces(image, "frontal+profile"),
-                               [[10 / 400, 20 / 200, 40 / 400, 50 / 200], [360 / 400, 20 / 200, 390 / 400, 50 / 200]])
+    square = [10 / 400, 20 / 200, 40 / 400, 50 / 200]
+    np.testing.assert_allclose(detect_faces(image, "frontal+profile"), [square, square], atol=1e-6)
 
 
 @pytest.mark.skipif(not EYECROWD.is_dir(), reason="needs ../shared/data/eyecrowd")

@@ -113,3 +113,21 @@ def test_cli_bad_token(exported, hub_server, hub_repo_id):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: the Hub rejected the token")
     assert "hf_not_valid" not in result.stderr
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one_and_a_fixed_temp_name_replaces_a_killed_writes_leftover(tmp_path):
+    from hub.publish import atomic_write, atomic_write_text
+
+    target = tmp_path / "new folder" / "f.txt"
+    atomic_write_text(target, "one")  # creates the folder
+
+    def fails_halfway(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails_halfway)
+    assert target.read_text() == "one" and not list(target.parent.glob(".*tmp"))
+    (target.parent / ".f.txt.tmp").write_text("left by a killed run")  # kill -9 runs no cleanup
+    atomic_write(target, lambda tmp: tmp.write_text("two"), per_process=False)
+    assert target.read_text() == "two" and not list(target.parent.glob(".*tmp"))

@@ -252,8 +252,16 @@ def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(tiny_data, tmp_path / "part", epochs=3))
     monkeypatch.setattr(train.loop, "train_one_epoch", real)
+    # A changed model flag is named; a checkpoint from before face_detector existed still resumes.
+    with pytest.raises(DataError, match=r"another model config \(face_prior\); use the same"):
+        run(tiny_config(tiny_data, tmp_path / "part", epochs=3, resume=True, face_prior=2.0))
+    path = tmp_path / "part" / "checkpoints" / "last.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["config"]["model"]["face_detector"]
+    torch.save(checkpoint, path)
     resumed = run(tiny_config(tiny_data, tmp_path / "part", epochs=3, resume=True))
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    assert not list(path.parent.glob(".*.tmp"))  # the checkpoint's one temp name, renamed away
     a = SaliencyUNet.from_pretrained(tmp_path / "full").state_dict()
     b = SaliencyUNet.from_pretrained(tmp_path / "part").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

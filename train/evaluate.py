@@ -32,7 +32,7 @@ from hub.cli import print_error, setup_logging
 from hub.preprocess import map_to_image, resize_map
 from hub.runtime import PRECISIONS
 from train import metrics as M
-from hub.publish import atomic_write_text
+from hub.publish import atomic_write, atomic_write_text
 from train.data import DataError, GroundTruth, Sample, find_samples, has_splits, read_map
 
 log = logging.getLogger(__name__)
@@ -304,15 +304,14 @@ def select_samples(data: Path, split: str | None, model_dir: Path | None) -> tup
 
 
 def save_map(saliency: np.ndarray, folder: Path, sample_id: str, fmt: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{sample_id}.{'npy' if fmt == 'npy' else 'png'}"
-    tmp = target.with_name(f".{target.name}.tmp")
-    if fmt == "npy":
-        with open(tmp, "wb") as f:
-            np.save(f, saliency.astype(np.float32))
-    else:
-        map_to_image(saliency, bits=16).save(tmp, format="PNG")
-    tmp.replace(target)
+    def write(tmp: Path) -> None:
+        if fmt == "npy":
+            with open(tmp, "wb") as f:
+                np.save(f, saliency.astype(np.float32))
+        else:
+            map_to_image(saliency, bits=16).save(tmp, format="PNG")
+
+    atomic_write(folder / f"{sample_id}.{'npy' if fmt == 'npy' else 'png'}", write)
 
 
 def evaluate_model(

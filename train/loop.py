@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hub import SaliencyConfig, SaliencyUNet
-from hub.card import LOWER_IS_BETTER
 from hub.cli import print_error, setup_logging
 from hub.config import FACE_DETECTORS, STAGES, parse_size
 from hub.faces import detect_faces, face_maps
@@ -47,6 +46,8 @@ from train.evaluate import ALL_METRICS, EPOCH_METRICS, Scorer, format_table, sum
 from train.losses import DEFAULT_LOSS, SaliencyLoss
 
 log = logging.getLogger("train")
+
+LOWER_IS_BETTER = {"kld", "loss"}  # the project's one such set: metrics (and the training loss) where less is better
 
 
 @dataclass
@@ -520,7 +521,7 @@ def validate_best(
 
 def save_checkpoint(path: Path, **state: Any) -> None:
     """Atomic: torch.save to a temp file, then rename, so a kill never leaves a torn checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp), per_process=False)  # rank 0 alone saves
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -587,10 +588,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raise DataError(f"--resume was given but {checkpoint_path} does not exist; drop --resume to start a new run.")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved = checkpoint["config"]
-        # Through SaliencyConfig, so fields added since the checkpoint take their defaults (e.g. face_detector).
-        if SaliencyConfig.from_dict(saved["model"]).to_dict() != cfg.model:
-            raise DataError(f"{checkpoint_path} was trained with another model config; use the same --size/--backbone/"
-                            "--center-prior/--keep-aspect/--flip-tta/--blur/--face-prior/--face-detector.")
+        # A checkpoint from before face_detector existed has nothing to disagree with there: the run
+        # goes on with this one's. Other fields it lacks take their defaults through SaliencyConfig.
+        saved_model = {"face_detector": cfg.face_detector, **saved["model"]}
+        differs = [k for k, v in SaliencyConfig.from_dict(saved_model).to_dict().items() if cfg.model.get(k) != v]
+        if differs:
+            raise DataError(f"{checkpoint_path} was trained with another model config ({', '.join(differs)}); use the same "
+                            "--size/--backbone/--center-prior/--keep-aspect/--flip-tta/--blur/--face-prior/--face-detector.")
         changed = schedule_changes(saved, cfg)
         if checkpoint.get("world", 1) != world:
             changed.append(f"processes {checkpoint.get('world', 1)} -> {world} (the global batch)")
