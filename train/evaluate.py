@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from hub.cli import print_error, setup_logging
 from hub.preprocess import map_to_image, resize_map
+from hub.publish import atomic_write, atomic_write_text
 from hub.runtime import PRECISIONS
 from train import metrics as M
-from hub.publish import atomic_write, atomic_write_text
 from train.data import DataError, GroundTruth, Sample, find_samples, has_splits, read_map
 
 log = logging.getLogger(__name__)
