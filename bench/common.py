@@ -17,6 +17,17 @@ NUS_IMAGES = ROOT.parent / "shared" / "data" / "nus_scene" / "images"
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
+def folder_photos(folder: Path | None, limit: int, flag: str = "") -> tuple[list[np.ndarray], str]:
+    """The first `limit` .jpg/.png photos of `folder` (sorted by name), decoded, and where they came
+    from; without a folder, `natural_images(limit)`. flag: the option that named the folder, for the error."""
+    if folder is None:
+        return natural_images(limit)
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit] if Path(folder).is_dir() else []
+    if not files:
+        raise SystemExit(f"{flag} {folder}: no .jpg or .png images there; pass a folder of photos.".lstrip())
+    return [load_image(f) for f in files], str(folder)
+
+
 def natural_images(n: int) -> tuple[list[np.ndarray], str]:
     """n H x W x 3 uint8 photos and where they came from.
 

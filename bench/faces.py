@@ -18,22 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import ROOT, cpu_summary, natural_images
+from bench.common import ROOT, cpu_summary, folder_photos
 from hub.config import FACE_DETECTORS
 from hub.faces import detect_faces
-from hub.preprocess import load_image
 
 EYECROWD_IMAGES = ROOT.parent / "shared" / "data" / "eyecrowd" / "images"
-
-
-def photos(data: Path | None, limit: int) -> tuple[list, str]:
-    folder = data or (EYECROWD_IMAGES if EYECROWD_IMAGES.is_dir() else None)
-    if folder is None:
-        return natural_images(limit)
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
-    if not files:
-        raise SystemExit(f"--data {folder}: no .jpg or .png images there; pass a folder of photos.")
-    return [load_image(f) for f in files], str(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads {args.threads!r} is not a list of thread counts, e.g. 1,2,8")
     if args.limit < 1 or args.repeat < 1 or not threads or min(threads) < 1:
         p.error("--limit, --repeat and every --threads count must be at least 1")
-    images, source = photos(args.data, args.limit)
+    images, source = folder_photos(args.data or (EYECROWD_IMAGES if EYECROWD_IMAGES.is_dir() else None), args.limit, "--data")
     print(f"CPU: {cpu_summary()}")
     print(f"photos: {len(images)} from {source}; {args.repeat} timed passes after one warm-up\n")
     print(f"{'detector':>16} | {'faces':>5} | {'ms/photo (one at a time)':>24} | " + " | ".join(f"{f'{n} threads: photos/s':>20}" for n in threads))

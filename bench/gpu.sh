@@ -21,10 +21,11 @@ for wheels in .whl .whl-app; do  # carried by bench/gpu_prepare.sh's two calls; 
             && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
 done
-# The face prior needs OpenCV 4's cascade classifier (hub.faces); the image's own OpenCV is used
-# (its wheel, 62 MB, does not fit beside the others), so a training run without one has no prior.
-face_prior=$($py -c "import cv2; print(4 if hasattr(cv2, 'CascadeClassifier') else 0)" 2>/dev/null || echo 0)
-steps=" ${STEPS:-0 1 2 3 4 5} "
+# The face prior's default detector (MTCNN, hub.mtcnn) needs only torch and any OpenCV; the image's
+# own OpenCV is used (its wheel, 62 MB, does not fit beside the others). The cascade detectors need
+# OpenCV 4's cascade classifier: bench.infer --options (step 3b) leaves their rows out without one.
+cascades=$($py -c "import cv2; print(1 if hasattr(cv2, 'CascadeClassifier') else 0)" 2>/dev/null || echo 0)
+steps=" ${STEPS:-0 1 2 3 3b 4 5} "
 run_dir=runs/gpu-run
 step() { case "$steps" in *" $1 "*) echo; echo "== $* ($(date +%T))";; *) return 1;; esac; }
 
@@ -36,13 +37,13 @@ from hub.runtime import precision_name
 d = torch.device('cuda')
 print('torch', torch.__version__, torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability(),
       'auto precision:', precision_name(d))" 2>&1 | tee -a "$out/gpu.txt"
-$py -c "import cv2; print('OpenCV', cv2.__version__, '- face prior', $face_prior)" 2>&1 | tee -a "$out/gpu.txt"
+$py -c "import cv2; print('OpenCV', cv2.__version__, '- cascade classifier', bool($cascades))" 2>&1 | tee -a "$out/gpu.txt"
 fi
 
 if step 1 "torchrun --nproc_per_node 1: 2 epochs of $data at 288x384 through NCCL, the real loader, auto precision"; then
 rm -rf "$run_dir"
 timeout 240 $py -m torch.distributed.run --standalone --nproc_per_node 1 -m train --data "$data" --out "$run_dir" \
-    --backbone-weights none --lr 1e-3 --size 288x384 --epochs 2 --batch-size 32 --workers 12 --face-prior $face_prior \
+    --backbone-weights none --lr 1e-3 --size 288x384 --epochs 2 --batch-size 32 --workers 12 \
     2>&1 | tee "$out/train_torchrun.txt"
 $py -c "import json; print('runs_on', json.load(open('$run_dir/train_config.json'))['runs_on'])" 2>&1 | tee -a "$out/train_torchrun.txt"
 fi
@@ -56,6 +57,12 @@ model=$run_dir; [ -f "$model/model.safetensors" ] || model=""
 if step 3 "inference: reference fp32 vs predict()'s engine per precision, batch 1 and 64, fidelity on the trained run"; then
 timeout 150 $py -m bench.infer --device cuda --sizes 480x640 --batch 1,64 --paths reference,default,bf16,fp16,fp32 \
     ${model:+--model "$model"} --json "$out/infer_cuda.json" 2>&1 | tee "$out/infer_cuda.txt"
+fi
+
+if step 3b "what each predict() option costs beside the GPU network (MTCNN on the GPU, cascades in CPU threads), crowds"; then
+crowds=$(dirname "$data")/eyecrowd/images; [ -d "$crowds" ] || crowds=""
+timeout 120 $py -m bench.infer --device cuda --options --sizes 480x640 --batch 1,8 --repeat 5 ${model:+--model "$model"} \
+    ${crowds:+--photos "$crowds"} --json "$out/options_cuda.json" 2>&1 | tee "$out/options_cuda.txt"
 fi
 
 if step 4 "the demo on CUDA answers /predict through gradio_client" && [ -n "$model" ]; then

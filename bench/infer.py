@@ -5,6 +5,7 @@
     python -m bench.infer --device cuda --sizes 480x640 --batch 1,8,64
     python -m bench.infer --model runs/nus --json bench-infer.json
     python -m bench.infer --options --sizes 480x640 --batch 1              # what each predict() option costs
+    python -m bench.infer --options --sizes 480x640 --batch 1 --photos ../shared/data/eyecrowd/images  # ... on crowds
 
 Paths (all at the same input resolution, on the same preprocessed batch of natural photos):
 - reference: fp32, NCHW, eager `model(x)` under `no_grad`, as the reference notebook ran it;
@@ -43,9 +44,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 
-from bench.common import cc, cpu_summary, load_model, natural_images, synchronize
+from bench.common import cc, cpu_summary, folder_photos, load_model, natural_images, synchronize
 from hub.cli import print_error
 from hub.config import parse_size
 from hub.preprocess import images_to_tensor
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", action="store_true",
                    help="instead: the cost of each predict() option (centre prior, keep_aspect, flip TTA, blur, face prior) end to end, "
                         "on photos of the first --sizes entry, side by side against the model without them")  # fmt: skip
+    p.add_argument("--photos", type=Path, default=None,
+                   help="with --options: a folder of photos to time on (default: the NUS scenes, or scikit-image's photos); "
+                        "the face detectors' cost depends on the faces in them, e.g. ../shared/data/eyecrowd/images")  # fmt: skip
+    p.add_argument("--limit", type=int, default=8, help="with --options: how many photos (each round times every one)")
     return p
 
 
@@ -110,11 +116,12 @@ OPTIONS = {
     "keep_aspect": {"keep_aspect": True},
     "flip_tta": {"flip_tta": True},
     "blur=0.02": {"blur": 0.02},
-    # the face detectors on the original photo (hub.faces)
+    # the face detectors on the original photo (hub.faces), each at the weight picked for it
     "face_prior=4 (frontal)": {"face_prior": 4.0, "face_detector": "frontal"},
     "face_prior=4 (frontal+profile)": {"face_prior": 4.0, "face_detector": "frontal+profile"},
+    "face_prior=6 (mtcnn)": {"face_prior": 6.0, "face_detector": "mtcnn"},
 }
-DEFAULTS = {"blur": 0.02, "face_prior": 4.0, "face_detector": "frontal+profile"}  # what training publishes (TrainConfig)
+DEFAULTS = {"blur": 0.02, "face_prior": 6.0, "face_detector": "mtcnn"}  # what training publishes (TrainConfig)
 
 
 def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -128,10 +135,13 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
     repeat = args.repeat or 7
     base, what = load_model(args.model, device)
     plain = {"center_prior": 0, "keep_aspect": False, "flip_tta": False, "blur": 0.0, "face_prior": 0.0, "face_detector": "frontal"}
-    variants = {**OPTIONS, "the defaults (blur, frontal+profile)": DEFAULTS,
-                "the defaults, frontal faces only": {**DEFAULTS, "face_detector": "frontal"},
+    variants = {**OPTIONS, "the defaults (blur, mtcnn faces)": DEFAULTS,
+                "the defaults with the cascades": {**DEFAULTS, "face_prior": 4.0, "face_detector": "frontal+profile"},
                 "the defaults + flip_tta": {**DEFAULTS, "flip_tta": True},
-                "all": {k: v for o in OPTIONS.values() for k, v in o.items()}}
+                "all": {**{k: v for o in OPTIONS.values() for k, v in o.items()}, **DEFAULTS}}
+    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5, or a build without it: the cascades cannot run
+        print(f"OpenCV {cv2.__version__} has no cascade classifier: the rows of the cascade face detectors are left out")
+        variants = {k: v for k, v in variants.items() if v.get("face_detector", "mtcnn") == "mtcnn"}
     trained = base.state_dict()
     models = {}
     for name, changes in variants.items():
@@ -145,29 +155,30 @@ def run_options(args: argparse.Namespace) -> list[dict[str, Any]]:
                     value.zero_()[:, : trained[key].shape[1]] = trained[key]
         models[name] = m
     size = args.sizes[0]
-    images, source = natural_images(max(args.batch))
+    images, source = folder_photos(args.photos, max(args.limit, *args.batch), "--photos")
     images = [resize_image(img, size) for img in images]
     print(f"torch {torch.__version__}; device {device}; CPU: {cpu_summary()}")
     print(f"model: {what}; config input_size {base.config.input_size}")
-    print(f"inputs: {source}, resized to {size[0]}x{size[1]}; predict() end to end; {repeat} rounds after {args.warmup} warm-up\n")
+    print(f"inputs: {len(images)} photos from {source}, resized to {size[0]}x{size[1]}; predict() end to end, "
+          f"the median over {repeat} rounds (each over every photo) after {args.warmup} warm-up\n")
     records = []
     for batch in args.batch:
-        batch_images = images[:batch]
+        chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
         for m in models.values():
             for _ in range(args.warmup):
-                m.predict(batch_images, batch_size=batch)
+                m.predict(chunks[0], batch_size=batch)
         times: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(repeat):
             for name, m in models.items():
-                t, _ = timed(lambda m=m: m.predict(batch_images, batch_size=batch), device)
-                times[name].append(t / batch * 1000)
+                t = sum(timed(lambda m=m, c=c: m.predict(c, batch_size=batch), device)[0] for c in chunks)
+                times[name].append(t / len(images) * 1000)
         ref = statistics.median(times["none"])
         print(f"{'option':>36} {'batch':>5} | {'ms/img med':>10} {'min':>7} {'max':>7} | {'x none':>6}")
         for name, ms in times.items():
             med = statistics.median(ms)
             records.append({"option": name, "size": f"{size[0]}x{size[1]}", "batch": batch, "ms_median": round(med, 3),
                             "ms_min": round(min(ms), 3), "ms_max": round(max(ms), 3), "ratio": round(med / ref, 3),
-                            "device": str(device), "model": what})
+                            "device": str(device), "model": what, "photos": source})
             print(f"{name:>36} {batch:>5} | {med:>10.1f} {min(ms):>7.1f} {max(ms):>7.1f} | {med / ref:>5.2f}x")
     print(f"\nload average at the end: {cpu_summary().rsplit('load average ', 1)[1]}")
     return records
@@ -351,7 +362,10 @@ def _inference(engine: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.limit < 1:
+        parser.error(f"--limit {args.limit}: time at least 1 photo")
     try:
         pick_device(args.device)
     except RuntimeError as err:  # --device cuda on a machine without a GPU

@@ -110,7 +110,7 @@ the nearest multiple of 32; the map is resized back.
 It runs at {{ config.input_size[0] }} x {{ config.input_size[1] }} pixels and resizes the map back.
 {%- endif %}
 {% if config.flip_tta %}The map is the mean of the image's and its mirror image's maps (test-time flip averaging). {% endif %}
-{%- if config.face_prior %}{% if config.face_detector == 'frontal+profile' %}Frontal and profile faces found in the photo by classic detectors (OpenCV's LBP frontal-face and Haar profile-face cascades, `hub.faces`){% else %}Frontal faces found in the photo by a classic detector (OpenCV's LBP frontal-face cascade, `hub.faces`){% endif %} raise the map where they are: it is multiplied by (1 + {{ config.face_prior }} x a Gaussian on each face). {% endif %}
+{%- if config.face_prior %}{% if config.face_detector == 'mtcnn' %}Faces found in the photo by MTCNN (a small CNN face detector trained on WIDER FACE, shipped with the package: `hub.mtcnn`){% elif config.face_detector == 'frontal+profile' %}Frontal and profile faces found in the photo by classic detectors (OpenCV's LBP frontal-face and Haar profile-face cascades, `hub.faces`){% else %}Frontal faces found in the photo by a classic detector (OpenCV's LBP frontal-face cascade, `hub.faces`){% endif %} raise the map where they are: it is multiplied by (1 + {{ config.face_prior }} x a Gaussian on each face). {% endif %}
 {%- if config.blur %}A Gaussian blur of sigma {{ config.blur }} x the map's longer side, calibrated on validation data, is applied to the output. {% endif %}
 ImageNet mean/std normalisation happens inside the model, so a raw forward pass takes RGB in [0, 1].
 It runs in bf16 or fp16 where the hardware does natively; on other CPUs with int8 dot products

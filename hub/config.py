@@ -24,8 +24,8 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int, int]] = {
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
-# What `SaliencyConfig.face_detector` may name, and the cascades each runs (`hub.faces`).
-FACE_DETECTORS = {"frontal": ("frontal",), "frontal+profile": ("frontal", "profile")}
+# What `SaliencyConfig.face_detector` may name, and the searches each runs (`hub.faces`).
+FACE_DETECTORS = {"frontal": ("frontal",), "frontal+profile": ("frontal", "profile"), "mtcnn": ("mtcnn",)}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -63,9 +63,10 @@ class SaliencyConfig:
     face_prior: weight w of the face prior (`hub.faces`): the map is multiplied by (1 + w x F),
         F a Gaussian on each face a detector finds in the image (0: none). An encoder
         trained from scratch on scene photos does not know faces, which draw gaze in any photo.
-    face_detector: which faces the prior looks for: "frontal" (OpenCV's LBP frontal-face
-        cascade; the default, so configs written before this field keep their behaviour) or
-        "frontal+profile" (and its Haar profile-face cascade, both ways: what training writes).
+    face_detector: which detector finds the faces: "mtcnn" (a small CNN face detector shipped
+        with the package, `hub.mtcnn`: what training writes), "frontal" (OpenCV's LBP
+        frontal-face cascade; the default, so configs written before this field keep their
+        behaviour) or "frontal+profile" (and its Haar profile-face cascade, both ways).
     """
 
     backbone: str = "resnet50"

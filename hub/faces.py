@@ -1,22 +1,29 @@
-"""Face prior: faces found by classic detectors raise the predicted map where they are.
+"""Face prior: faces found by a face detector raise the predicted map where they are.
 
 Faces draw gaze whatever the task (Cerf et al. 2008; Judd et al. 2009 add a Viola-Jones face
 channel for the same reason). An encoder trained from random weights on a few hundred scene
 photos never learns what a face is, so the model's maps miss the faces every observer looks at
-in photos of people. The prior adds that knowledge without training data: OpenCV's LBP
-frontal-face cascade (`lbpcascade_frontalface`, the file scikit-image ships) and, with the
-"frontal+profile" detector, OpenCV's Haar profile-face cascade (`haarcascade_profileface`, shipped
-with OpenCV; run on the image and on its mirror image, since it finds faces turned one way) run
-on the original image with OpenCV's own `CascadeClassifier.detectMultiScale` (no download). Each
-face becomes a Gaussian the size of the face, and the map is multiplied by
-(1 + weight x face map) (`SaliencyConfig.face_prior`, `SaliencyConfig.face_detector`). Multiplying, not adding, keeps a face that the network finds plain
-(e.g. a poster face in a corner) no hotter than the network's map allows times (1 + weight).
+in photos of people. The prior adds that knowledge without training data, from a detector that
+ships with the package (no download), run on the original image:
 
-OpenCV's detector is native code that releases the GIL, so images are searched in parallel by
-threads (`PendingFaces`): a frontal search costs about 50 ms of one core at 640 px, the two
-profile searches about 4 times that, and on a GPU machine the searches of a batch keep pace with
-the network only when they run on several cores at once.
-OpenCV 5 dropped the cascade classifier, hence OpenCV 4 (`opencv-python-headless<5`).
+- "mtcnn" (what training writes): MTCNN (`hub.mtcnn`), three tiny CNNs trained on WIDER FACE's
+  crowds, run by torch on the CPU, the photo's longer side at `MTCNN_SIDE`;
+- "frontal": OpenCV's LBP frontal-face cascade (`lbpcascade_frontalface`, the file scikit-image
+  ships), with OpenCV's own `CascadeClassifier.detectMultiScale`;
+- "frontal+profile": that and OpenCV's Haar profile-face cascade (`haarcascade_profileface`,
+  shipped with OpenCV), run on the image and on its mirror image, since it finds faces turned
+  one way.
+
+Each face becomes a Gaussian the size of the face, and the map is multiplied by
+(1 + weight x face map) (`SaliencyConfig.face_prior`, `SaliencyConfig.face_detector`).
+Multiplying, not adding, keeps a face that the network finds plain (e.g. a poster face in a
+corner) no hotter than the network's map allows times (1 + weight).
+
+Images are searched in parallel by threads (`PendingFaces`): OpenCV's detector and torch's
+operators are native code that release the GIL. On eyecrowd's photos (2-core AVX512 EPYC, one
+photo at a time) MTCNN at 480 px takes about 25 ms, the frontal cascade at 640 px about 25 ms
+and the two profile searches about 125 ms more (`python -m bench.faces`). OpenCV 5 dropped the
+cascade classifier, hence OpenCV 4 (`opencv-python-headless<5`).
 
 Boxes are fractions of the image's width and height, so one detection serves any model size.
 """
@@ -44,6 +51,11 @@ MIN_NEIGHBOURS = 3  # raw detections a face needs (OpenCV's default); fewer give
 # coarser pyramid: the cheapest of the settings tried that kept nearly all its gain (README).
 PROFILE_SIDE = 480
 PROFILE_SCALE_FACTOR = 1.15
+# MTCNN searches the photo with its longer side at most this long, for faces of MTCNN_MIN_FACE px
+# and more (1/16 of the frame): of the sizes tried on eyecrowd's odd ids, the cheapest that kept
+# nearly all the gain of a search at 640 px down to 20 px faces, at a third of its cost (README).
+MTCNN_SIDE = 480
+MTCNN_MIN_FACE = 30
 # A face's Gaussian: sigma = (longer side of its box) / FACE_SIGMA_DIV, so about the face itself.
 FACE_SIGMA_DIV = 2.5
 
@@ -95,13 +107,28 @@ def _detector(name: str) -> Iterator[cv2.CascadeClassifier]:
             _idle[name].append(cascade)
 
 
-def _gray(image: np.ndarray, side: int) -> np.ndarray:
-    """The RGB image in grey, its longer side at most `side` pixels (area-averaged)."""
+def _shrink(image: np.ndarray, side: int) -> np.ndarray:
+    """The image with its longer side at most `side` pixels (area-averaged), contiguous."""
     h, w = image.shape[:2]
     scale = min(1.0, side / max(h, w))
     if scale < 1.0:
         image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    return np.ascontiguousarray(image)
+
+
+def _gray(image: np.ndarray, side: int) -> np.ndarray:
+    """The RGB image in grey, its longer side at most `side` pixels (area-averaged)."""
+    return cv2.cvtColor(_shrink(image, side), cv2.COLOR_RGB2GRAY)
+
+
+def _mtcnn(image: np.ndarray, device: torch.device | str) -> np.ndarray:
+    """Boxes (N x 4 float64, fractions of the image) of the faces MTCNN finds in an RGB image."""
+    from hub import mtcnn
+
+    small = _shrink(image, MTCNN_SIDE)
+    found, _ = mtcnn.detect(small, MTCNN_MIN_FACE, device)
+    sh, sw = small.shape[:2]
+    return found.astype(np.float64) / [sw, sh, sw, sh]
 
 
 def _search(name: str, gray: np.ndarray, scale_factor: float, mirror: bool = False) -> np.ndarray:
@@ -116,14 +143,17 @@ def _search(name: str, gray: np.ndarray, scale_factor: float, mirror: bool = Fal
     return np.stack([x0 / sw, y / sh, (x0 + bw) / sw, (y + bh) / sh], 1)
 
 
-def detect_faces(image: np.ndarray, detector: str) -> np.ndarray:
+def detect_faces(image: np.ndarray, detector: str, device: torch.device | str = "cpu") -> np.ndarray:
     """Faces in an H x W x 3 uint8 RGB image: N x 4 float32 boxes (x0, y0, x1, y1) as fractions
     of the image's width and height, in [0, 1]. N may be 0. detector: a key of `FACE_DETECTORS`,
-    "frontal" (the LBP frontal-face cascade) or "frontal+profile" (and the Haar profile-face
-    cascade on the image and its mirror image; a face both find is there twice, which the
-    maximum in `face_maps` makes harmless)."""
+    "mtcnn" (`hub.mtcnn`), "frontal" (the LBP frontal-face cascade) or "frontal+profile" (and the
+    Haar profile-face cascade on the image and its mirror image; a face both find is there twice,
+    which the maximum in `face_maps` makes harmless). device: where MTCNN's networks run (the
+    cascades run on the CPU)."""
     if detector not in FACE_DETECTORS:
         raise ValueError(f"face detector {detector!r} must be one of {', '.join(FACE_DETECTORS)}.")
+    if "mtcnn" in FACE_DETECTORS[detector]:
+        return np.clip(_mtcnn(image, device), 0.0, 1.0).astype(np.float32).reshape(-1, 4)
     found = [_search("frontal", _gray(image, FACE_SIDE), SCALE_FACTOR)]
     if "profile" in FACE_DETECTORS[detector]:
         gray = _gray(image, PROFILE_SIDE)
@@ -132,10 +162,14 @@ def detect_faces(image: np.ndarray, detector: str) -> np.ndarray:
 
 
 def search_threads(device: torch.device, cores: int) -> int:
-    """Threads that search a batch's images for faces, one image each, beside the network on `device`:
-    half the cores beside a network on the CPU (it has the rest), all but one beside a GPU, where
-    the searches must keep pace with it; at most 16."""
-    return max(1, min(16, cores - 1 if device.type == "cuda" else cores // 2))
+    """Threads that search a batch's images for faces, one image each, beside the network on `device`.
+
+    None beside a network on the CPU: the searches run first, in the calling thread, because the
+    network and the detectors each use every core (MTCNN beside a bf16 network on a 2-core EPYC:
+    52 ms per crowd photo in a thread of its own, 42 ms one after the other). All but one core
+    beside a GPU, where the searches overlap the forward pass; at most 16.
+    """
+    return max(1, min(16, cores - 1)) if device.type == "cuda" else 0
 
 
 def face_maps(boxes: Sequence[np.ndarray], size: tuple[int, int], aspects: Sequence[float] | None = None) -> torch.Tensor:
@@ -173,11 +207,14 @@ def apply_face_prior(pred: torch.Tensor, faces: torch.Tensor, weight: float) -> 
 
 class PendingFaces:
     """The face maps of a batch while its faces are being detected, one task per image in `pool`
-    (OpenCV releases the GIL, so images are searched in parallel); `result()` waits.
-    Without a pool the faces are detected here and now."""
+    (OpenCV and torch release the GIL, so images are searched in parallel); `result()` waits.
+    Without a pool the faces are detected here and now. device: where MTCNN runs (`detect_faces`)."""
 
-    def __init__(self, pool: Executor | None, images: Sequence[np.ndarray], size: tuple[int, int], detector: str) -> None:
-        self._boxes = [pool.submit(detect_faces, im, detector) if pool is not None else detect_faces(im, detector) for im in images]
+    def __init__(
+        self, pool: Executor | None, images: Sequence[np.ndarray], size: tuple[int, int], detector: str, device: torch.device | str = "cpu"
+    ) -> None:
+        self._boxes = [pool.submit(detect_faces, im, detector, device) if pool is not None else detect_faces(im, detector, device)
+                       for im in images]  # fmt: skip
         self._size, self._aspects = size, [im.shape[1] / im.shape[0] for im in images]
 
     def result(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ The decoder reduces the bottom with a 1x1 conv to D[0], then four times: transpo
 transposed conv to full resolution, a 3x3 conv to one channel and a sigmoid.
 """
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -313,8 +314,8 @@ class SaliencyUNet(
 
         def load(chunk: list) -> list[tuple[torch.Tensor, PendingFaces | None, list[int], list[tuple[int, int]]]]:
             """The chunk as batches of one model size each: (tensor, its face maps to come, positions
-            in chunk, original sizes). Faces are detected in other threads, during the forward pass
-            on a GPU and beside it on a CPU."""
+            in chunk, original sizes). Faces are detected on the model's device: by other threads,
+            during the forward pass, on a GPU; here and now on a CPU (`hub.faces.search_threads`)."""
             arrays = [load_image(x) for x in chunk]
             groups: dict[tuple[int, int], list[int]] = {}
             for j, a in enumerate(arrays):
@@ -322,13 +323,14 @@ class SaliencyUNet(
             batches = []
             for size, members in groups.items():
                 x = images_to_tensor([arrays[j] for j in members], size)
-                faces = PendingFaces(detector, [arrays[j] for j in members], size, cfg.face_detector) if cfg.face_prior > 0 else None
+                faces = PendingFaces(detector, [arrays[j] for j in members], size, cfg.face_detector, device) if cfg.face_prior > 0 else None
                 batches.append((x.pin_memory() if prefetch else x, faces, members, [arrays[j].shape[:2] for j in members]))
             return batches
 
         maps: list = []
-        detect_workers = search_threads(device, os.cpu_count() or 2)
-        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(detect_workers) as detector, torch.inference_mode():
+        detect_workers = search_threads(device, os.cpu_count() or 2)  # none on a CPU: searched here, before the network
+        with ThreadPoolExecutor(1) as pool, (ThreadPoolExecutor(detect_workers) if detect_workers else contextlib.nullcontext()) as detector, \
+                torch.inference_mode():  # fmt: skip
             pending = pool.submit(load, chunks[0]) if prefetch else None
             for i, chunk in enumerate(chunks):
                 if pending is not None:

@@ -231,6 +231,9 @@ SPACE_FILES = (
     "hub/faces.py",  # the face prior (config face_prior)
     "hub/int8.py",  # int8 inference on CPUs without native bf16 (the model's model.int8.onnx)
     "hub/model.py",
+    "hub/mtcnn.py",  # the face prior's default detector, its weights and their licence
+    "hub/mtcnn.safetensors",
+    "hub/MTCNN_LICENSE",
     "hub/preprocess.py",
     "hub/publish.py",  # SaliencyUNet.save_pretrained uses it
     "hub/runtime.py",

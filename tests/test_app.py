@@ -623,6 +623,7 @@ def test_space_files_are_exactly_what_the_app_imports():
     assert {f for f in files if f.endswith(".py")} == modules
     assert not [f for f in modules if f.startswith(("train/", "tests/", "bench/"))]
     assert "requirements.txt" in files and "space/examples/SOURCES.md" in files
+    assert {"hub/mtcnn.safetensors", "hub/MTCNN_LICENSE"} <= set(files)  # what hub.mtcnn reads, and its licence
     examples = [f for f in files if f.startswith("space/examples/") and f.endswith(".jpg")]
     assert sorted(examples) == sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "space/examples").glob("*.jpg"))
     assert len(examples) >= 3 and all((ROOT / f).stat().st_size < 150_000 for f in examples)

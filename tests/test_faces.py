@@ -10,6 +10,7 @@ from skimage import data as skdata
 
 import hub.faces as faces
 from hub import SaliencyConfig, SaliencyUNet
+from hub.config import FACE_DETECTORS
 from hub.faces import apply_face_prior, detect_faces, face_maps, image_faces
 from hub.preprocess import images_to_tensor
 from train.evaluate import Scorer
@@ -28,7 +29,7 @@ def test_detector_finds_the_face_in_a_photo_and_none_in_flat_or_tiny_images():
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     x0, y0, x1, y1 = ASTRONAUT_FACE
     assert ((x0 < cx) & (cx < x1) & (y0 < cy) & (cy < y1)).any(), boxes
-    for detector in ("frontal", "frontal+profile"):
+    for detector in FACE_DETECTORS:
         assert detect_faces(np.full((300, 400, 3), 128, np.uint8), detector).shape == (0, 4)
         assert detect_faces(np.zeros((10, 12, 3), np.uint8), detector).shape == (0, 4)
     with pytest.raises(ValueError, match="frontal\\+profile"):
@@ -98,11 +99,11 @@ def test_profile_search_finds_the_turned_faces_of_a_crowd_that_the_frontal_one_m
     np.testing.assert_array_equal(both[: len(frontal)], frontal)
 
 
-def test_search_threads_take_half_the_cores_beside_a_cpu_network_and_all_but_one_beside_a_gpu():
+def test_searches_run_before_a_cpu_network_and_in_all_but_one_core_beside_a_gpu():
     from hub.faces import search_threads
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: nothing touches CUDA
-    assert [search_threads(cpu, n) for n in (1, 2, 16, 64)] == [1, 1, 8, 16]
+    assert [search_threads(cpu, n) for n in (1, 2, 16, 64)] == [0, 0, 0, 0]
     assert [search_threads(gpu, n) for n in (1, 2, 16, 64)] == [1, 1, 15, 16]
 
 
@@ -175,6 +176,9 @@ def test_config_keeps_the_face_prior_and_old_configs_have_none(tmp_path):
     assert "Haar profile-face" in (tmp_path / "p" / "README.md").read_text()
     assert "LBP frontal-face" in (tmp_path / "m" / "README.md").read_text()
     assert "profile" not in (tmp_path / "m" / "README.md").read_text()
+    SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=6, face_detector="mtcnn")).save_pretrained(tmp_path / "c")
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "MTCNN" in card and "hub.mtcnn" in card and "cascade" not in card
     with pytest.raises(ValueError, match="face_detector 'eyes' must be one of frontal, frontal\\+profile"):
         SaliencyConfig(face_detector="eyes")
 
@@ -235,34 +239,47 @@ def test_validation_applies_the_face_prior_with_boxes_detected_once(tiny_data, t
     assert len(calls) == len(json.loads((out / "split.json").read_text())["val"])
     assert {d for _, d in calls} == {"frontal+profile"}
     assert "--face-prior 2.0" in (out / "README.md").read_text()
-    assert TrainConfig().face_detector == "frontal+profile"  # what a run publishes unless told otherwise
+    assert (TrainConfig().face_detector, TrainConfig().face_prior) == ("mtcnn", 6.0)  # what a run publishes unless told otherwise
 
 
 def test_image_faces_runs_the_detector_on_each_original_image(monkeypatch):
     seen = []
-    monkeypatch.setattr(faces, "detect_faces", lambda im, detector: seen.append((im.shape, detector)) or np.zeros((0, 4), np.float32))
+    monkeypatch.setattr(faces, "detect_faces", lambda im, detector, device="cpu": seen.append((im.shape, detector)) or np.zeros((0, 4), np.float32))
     out = image_faces([np.zeros((30, 40, 3), np.uint8), np.zeros((50, 20, 3), np.uint8)], (32, 32), "frontal+profile")
     assert out.shape == (2, 1, 32, 32) and seen == [((30, 40, 3), "frontal+profile"), ((50, 20, 3), "frontal+profile")]
 
 
-def test_predict_detects_faces_in_other_threads_while_the_network_runs(monkeypatch):
+def test_predict_detects_faces_on_the_models_device_before_a_cpu_network_and_in_threads_beside_a_gpu(monkeypatch):
     import threading
     from concurrent.futures import Future
+
+    import hub.model as model_module
 
     threads = []
     real = faces.detect_faces
 
-    def detect(image, detector):
-        threads.append((threading.current_thread(), detector))
-        return real(image, detector)
+    def detect(image, detector, device):
+        threads.append((threading.current_thread(), detector, device))
+        return real(image, detector, device)
 
-    model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=4, face_detector="frontal+profile")).eval()
     monkeypatch.setattr(faces, "detect_faces", detect)
     photos = [skdata.astronaut(), skdata.astronaut()[::2, ::2]]
-    maps = model.predict(photos, precision="fp32")
-    assert len(threads) == 2 and threading.main_thread() not in [t for t, _ in threads]  # one task per image
-    assert {d for _, d in threads} == {"frontal+profile"}  # the config's detector
-    assert [m.shape for m in maps] == [p.shape[:2] for p in photos]
+    for detector in ("frontal+profile", "mtcnn"):
+        threads.clear()
+        model = SaliencyUNet(SaliencyConfig(input_size=(64, 64), face_prior=4, face_detector=detector)).eval()
+        maps = model.predict(photos, precision="fp32")
+        # On a CPU: in the calling thread (the network and the searches each use every core).
+        assert [(t, d, str(dev)) for t, d, dev in threads] == [(threading.main_thread(), detector, "cpu")] * 2
+        assert [m.shape for m in maps] == [p.shape[:2] for p in photos]
+    # Beside a GPU the searches run in threads, one task per image, on the model's device: the
+    # same code with the rule's thread count, on the CPU here.
+    monkeypatch.setattr(model_module, "search_threads", lambda device, cores: 2)
+    threads.clear()
+    expected = model.predict(photos, precision="fp32")
+    assert len(threads) == 2 and threading.main_thread() not in [t for t, _, _ in threads]
+    assert {(d, str(dev)) for _, d, dev in threads} == {("mtcnn", "cpu")}
+    for a, b in zip(maps, expected):
+        np.testing.assert_array_equal(a, b)
     # infer() takes the face maps or anything with result() (PendingFaces, a Future), waited for after the forward pass.
     x = torch.rand(1, 3, 64, 64)
     face = faces.face_maps([np.array([[0.2, 0.2, 0.5, 0.5]], np.float32)], (64, 64))

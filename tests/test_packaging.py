@@ -122,10 +122,16 @@ def test_wheel_installs_only_the_hub_package(fresh_venv):
     record = next(site.glob("saliency_unet-*.dist-info")) / "RECORD"
     top = {line.split("/", 1)[0] for line in record.read_text().splitlines()}
     assert {t for t in top if not t.endswith(".dist-info")} == {"hub"}
+    # The face prior's detector ships with the package, with its licence.
+    files = {line.split(",", 1)[0] for line in record.read_text().splitlines()}
+    assert {"hub/mtcnn.safetensors", "hub/MTCNN_LICENSE"} <= files
+    assert (site / "hub" / "mtcnn.safetensors").stat().st_size == (ROOT / "hub" / "mtcnn.safetensors").stat().st_size
 
 
 def test_card_snippet_runs_verbatim_in_a_fresh_venv(fresh_venv, hub_server, hub_repo_id, tmp_path):
-    model = SaliencyUNet(SaliencyConfig(backbone="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=(64, 64)))
+    # With the face prior that training publishes: its detector's weights must come with the package.
+    model = SaliencyUNet(SaliencyConfig(backbone="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=(64, 64),
+                                        face_prior=6.0, face_detector="mtcnn"))  # fmt: skip
     export(model.eval(), tmp_path / "model", training={"data": "test"})
     push(tmp_path / "model", hub_repo_id)
     card = hub_server.repo(hub_repo_id).files()["README.md"].decode()

@@ -377,3 +377,41 @@ def test_bench_infer_writes_one_record_per_size_batch_and_path(tmp_path, capsys)
         assert r["ms_median"] > 0 and r["gflops_per_s"] > 0 and -1.0 <= r["fidelity_cc"] <= 1.0 + 1e-9
     assert all(r["speedup"] == 1.0 and r["fidelity_cc"] == 1.0 for r in records if r["path"] == "reference")
     assert "matmul" in capsys.readouterr().out
+
+
+def test_bench_infer_options_times_each_option_on_a_folder_and_leaves_out_cascades_opencv_lacks(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from bench import infer
+
+    SaliencyUNet(SaliencyConfig(backbone="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=(64, 64))).save_pretrained(tmp_path / "m")
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(skdata, name)()).save(tmp_path / "photos" / f"{name}.jpg")
+    args = ["--options", "--model", str(tmp_path / "m"), "--sizes", "48x64", "--batch", "1", "--repeat", "1", "--warmup", "0",
+            "--photos", str(tmp_path / "photos"), "--json", str(tmp_path / "o.json")]  # fmt: skip
+    assert infer.main(args) == 0
+    records = json.loads((tmp_path / "o.json").read_text())
+    options = [r["option"] for r in records]
+    assert options[0] == "none" and "face_prior=6 (mtcnn)" in options and "face_prior=4 (frontal+profile)" in options
+    assert all(r["photos"] == str(tmp_path / "photos") and r["ms_median"] > 0 for r in records)
+    assert "2 photos from" in capsys.readouterr().out
+
+    real = infer.cv2
+
+    class NoCascade:  # OpenCV 5: all the rest, no cascade classifier
+        __version__ = "5.0.0"
+
+        def __getattr__(self, name: str):
+            if name == "CascadeClassifier":
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(infer, "cv2", NoCascade())
+    assert infer.main(args) == 0
+    left = [r["option"] for r in json.loads((tmp_path / "o.json").read_text())]
+    assert "face_prior=6 (mtcnn)" in left and "all" in left and not [o for o in left if "frontal" in o or "cascades" in o]
+    assert "no cascade classifier: the rows of the cascade face detectors are left out" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        infer.main([*args[:-4], "--photos", str(tmp_path / "m")])  # a folder without photos
