@@ -7,7 +7,8 @@ in photos of people. The prior adds that knowledge without training data, from a
 ships with the package (no download), run on the original image:
 
 - "mtcnn" (what training writes): MTCNN (`hub.mtcnn`), three tiny CNNs trained on WIDER FACE's
-  crowds, run by torch on the CPU, the photo's longer side at `MTCNN_SIDE`;
+  crowds, run by torch (on the model's GPU beside a CUDA network, else on the CPU), the photo's
+  longer side at `MTCNN_SIDE`;
 - "frontal": OpenCV's LBP frontal-face cascade (`lbpcascade_frontalface`, the file scikit-image
   ships), with OpenCV's own `CascadeClassifier.detectMultiScale`;
 - "frontal+profile": that and OpenCV's Haar profile-face cascade (`haarcascade_profileface`,
@@ -19,8 +20,9 @@ Each face becomes a Gaussian the size of the face, and the map is multiplied by
 Multiplying, not adding, keeps a face that the network finds plain (e.g. a poster face in a
 corner) no hotter than the network's map allows times (1 + weight).
 
-Images are searched in parallel by threads (`PendingFaces`): OpenCV's detector and torch's
-operators are native code that release the GIL. On eyecrowd's photos (2-core AVX512 EPYC, one
+On a CPU the photos are searched before the network runs, since both use every core; beside a
+GPU, threads search them while it runs (`PendingFaces`, `search_threads`): OpenCV's detector and
+torch's operators are native code that release the GIL. On eyecrowd's photos (2-core AVX512 EPYC, one
 photo at a time) MTCNN at 480 px takes about 25 ms, the frontal cascade at 640 px about 25 ms
 and the two profile searches about 125 ms more (`python -m bench.faces`). OpenCV 5 dropped the
 cascade classifier, hence OpenCV 4 (`opencv-python-headless<5`).
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from hub.config import FACE_DETECTORS
+from hub.preprocess import load_image
 
 # The detector runs on the image with its longer side at most this long, so faces of 24 px and
 # more there (1/27 of the frame; the cascade's window) are found whatever the photo's resolution.
@@ -122,11 +125,13 @@ def _gray(image: np.ndarray, side: int) -> np.ndarray:
 
 
 def _mtcnn(image: np.ndarray, device: torch.device | str) -> np.ndarray:
-    """Boxes (N x 4 float64, fractions of the image) of the faces MTCNN finds in an RGB image."""
+    """Boxes (N x 4 float64, fractions of the image) of the faces MTCNN finds in an RGB image, on
+    `device` if it is a CUDA GPU, else on the CPU (torchvision's box operators, which MTCNN needs,
+    are not on every accelerator)."""
     from hub import mtcnn
 
     small = _shrink(image, MTCNN_SIDE)
-    found, _ = mtcnn.detect(small, MTCNN_MIN_FACE, device)
+    found, _ = mtcnn.detect(small, MTCNN_MIN_FACE, device if torch.device(device).type == "cuda" else "cpu")
     sh, sw = small.shape[:2]
     return found.astype(np.float64) / [sw, sh, sw, sh]
 
@@ -152,6 +157,7 @@ def detect_faces(image: np.ndarray, detector: str, device: torch.device | str = 
     cascades run on the CPU)."""
     if detector not in FACE_DETECTORS:
         raise ValueError(f"face detector {detector!r} must be one of {', '.join(FACE_DETECTORS)}.")
+    image = load_image(image)  # the one way in: grey, RGBA or float arrays become H x W x 3 uint8 RGB
     if "mtcnn" in FACE_DETECTORS[detector]:
         return np.clip(_mtcnn(image, device), 0.0, 1.0).astype(np.float32).reshape(-1, 4)
     found = [_search("frontal", _gray(image, FACE_SIDE), SCALE_FACTOR)]

@@ -272,12 +272,13 @@ def test_predict_detects_faces_on_the_models_device_before_a_cpu_network_and_in_
         assert [(t, d, str(dev)) for t, d, dev in threads] == [(threading.main_thread(), detector, "cpu")] * 2
         assert [m.shape for m in maps] == [p.shape[:2] for p in photos]
     # Beside a GPU the searches run in threads, one task per image, on the model's device: the
-    # same code with the rule's thread count, on the CPU here.
+    # same code with the rule's thread count, on the CPU here (device cpu:0, to tell it from the default).
     monkeypatch.setattr(model_module, "search_threads", lambda device, cores: 2)
+    monkeypatch.setattr(SaliencyUNet, "device", property(lambda self: torch.device("cpu", 0)))
     threads.clear()
     expected = model.predict(photos, precision="fp32")
     assert len(threads) == 2 and threading.main_thread() not in [t for t, _, _ in threads]
-    assert {(d, str(dev)) for _, d, dev in threads} == {("mtcnn", "cpu")}
+    assert {(d, str(dev)) for _, d, dev in threads} == {("mtcnn", "cpu:0")}
     for a, b in zip(maps, expected):
         np.testing.assert_array_equal(a, b)
     # infer() takes the face maps or anything with result() (PendingFaces, a Future), waited for after the forward pass.

@@ -105,6 +105,14 @@ def test_convert_reorders_the_dense_inputs_to_torch_flattening(tmp_path, monkeyp
     prob, offsets = mtcnn.rnet(crops)
     torch.testing.assert_close(prob, expected)
     assert offsets.shape == (3, 4)
+    original = torch.load(tmp_path / "onet.pt", weights_only=True)
+    crops = torch.randn(2, 3, 48, 48)
+    x = F.max_pool2d(mtcnn._conv(crops, w, "onet", 1), 3, 2, ceil_mode=True)
+    x = F.max_pool2d(mtcnn._conv(x, w, "onet", 2), 3, 2, ceil_mode=True)
+    x = F.max_pool2d(mtcnn._conv(x, w, "onet", 3), 2, 2, ceil_mode=True)
+    x = mtcnn._conv(x, w, "onet", 4).permute(0, 3, 2, 1).flatten(1)
+    hidden = F.prelu(F.linear(x, original["dense5.weight"], original["dense5.bias"]), original["prelu5.weight"])
+    torch.testing.assert_close(mtcnn.onet(crops)[0], torch.softmax(F.linear(hidden, original["dense6_1.weight"], original["dense6_1.bias"]), 1)[:, 1])
     monkeypatch.setattr(mtcnn, "_weights", {})  # the shipped weights again for later tests
 
 
@@ -121,6 +129,43 @@ def test_the_min_overlap_suppression_keeps_the_best_of_nested_boxes():
     scores = torch.tensor([0.8, 0.9, 0.7, 0.95])
     # [2,2,6,6] lies inside both others (overlap 1 over its own area); [0,0,10,10] inside [0,0,10,12].
     assert mtcnn._nms_min(boxes, scores, 0.7).tolist() == [3, 2]
+    # A chain: b overlaps a and c, a and c do not overlap; a suppresses b, so b cannot suppress c.
+    chain = torch.tensor([[0.0, 0, 10, 10], [2, 0, 14, 10], [11, 0, 21, 10]])
+    assert mtcnn._nms_min(chain, torch.tensor([0.9, 0.8, 0.7]), 0.7).tolist() == [0, 2]
+
+
+def test_each_stage_can_reject_every_candidate(monkeypatch):
+    photo = skdata.astronaut()
+    for thresholds in ((0.6, 1.01, 0.7), (0.6, 0.7, 1.01), (1.01, 0.7, 0.7)):  # no probability reaches 1.01
+        monkeypatch.setattr(mtcnn, "THRESHOLDS", thresholds)
+        found, prob = mtcnn.detect(photo)
+        assert found.shape == (0, 4) and prob.shape == (0,) and found.dtype == prob.dtype == np.float32
+    monkeypatch.undo()
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    assert mtcnn.detect(noise)[0].shape == (0, 4)
+
+
+def test_a_callers_autocast_does_not_reach_the_detector():
+    photo = skdata.astronaut()
+    plain = mtcnn.detect(photo)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        np.testing.assert_array_equal(mtcnn.detect(photo)[0], plain[0])
+
+
+def test_mtcnn_runs_on_a_cuda_model_device_and_on_the_cpu_beside_any_other(monkeypatch):
+    seen = []
+    monkeypatch.setattr(mtcnn, "detect", lambda image, min_face, device: seen.append(str(device)) or (np.zeros((0, 4), np.float32), None))
+    for device in (torch.device("cuda", 1), torch.device("mps"), "cpu", torch.device("cpu", 0)):  # device objects only: nothing touches CUDA
+        faces._mtcnn(skdata.astronaut(), device)
+    assert seen == ["cuda:1", "cpu", "cpu", "cpu"]
+
+
+def test_every_image_reaches_the_detector_as_uint8_rgb():
+    photo = skdata.astronaut()
+    box = detect_faces(photo, "mtcnn")
+    for other in (photo / 255.0, np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])):  # float, RGBA
+        np.testing.assert_allclose(detect_faces(other, "mtcnn"), box, atol=1e-3)
+    assert detect_faces(photo[:, :, 0], "mtcnn").shape == (1, 4)  # grey
 
 
 @pytest.mark.skipif(not (EYECROWD / "images" / "250.jpg").is_file(), reason="needs ../shared/data/eyecrowd")
