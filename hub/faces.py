@@ -23,8 +23,8 @@ corner) no hotter than the network's map allows times (1 + weight).
 On a CPU the photos are searched before the network runs, since both use every core; beside a
 GPU, threads search them while it runs (`PendingFaces`, `search_threads`): OpenCV's detector and
 torch's operators are native code that release the GIL. On eyecrowd's photos (2-core AVX512 EPYC, one
-photo at a time) MTCNN at 480 px takes about 25 ms, the frontal cascade at 640 px about 25 ms
-and the two profile searches about 125 ms more (`python -m bench.faces`). OpenCV 5 dropped the
+photo at a time) MTCNN at 480 px takes about 19 ms, the frontal cascade at 640 px about 22 ms
+and the two profile searches about 114 ms more (`python -m bench.faces --limit 16`). OpenCV 5 dropped the
 cascade classifier, hence OpenCV 4 (`opencv-python-headless<5`).
 
 Boxes are fractions of the image's width and height, so one detection serves any model size.
