@@ -8,7 +8,7 @@ Everything after `--` goes to `python -m train` as it is (skipped when OUT alrea
 trained model, so a table can be rebuilt or extended). `--posthoc flip_tta,blur=auto` scores a
 copy of the trained model (OUT+NAME) with inference-time options switched on (face_prior=2 too): they change
 nothing in training, so one trained model gives their rows (blur=auto calibrates on OUT's own
-validation split, as `python -m train --blur auto` does; face_detector=frontal or frontal+profile). The trained model is then scored with
+validation split, as `python -m train --blur auto` does; face_detector=mtcnn, frontal or frontal+profile). The trained model is then scored with
 `train.evaluate` on every image of --eval-data, beside the centre prior and the leave-one-out
 mean map of that collection (a baseline that knows where its observers look on average and
 nothing about the picture). Writes OUT/transfer-<eval name>.json and prints a Markdown row;

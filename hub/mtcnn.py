@@ -3,7 +3,7 @@
 Three tiny networks search the photo in turn: P-Net slides a 12 px window over an image pyramid
 and proposes faces, R-Net (24 px crops) and O-Net (48 px crops) reject and refine them. It was
 trained on WIDER FACE, which is full of crowds, small faces and faces turned away, so it finds
-the faces in eyecrowd's crowds that OpenCV's frontal and profile cascades miss, at a sixth of
+the faces in eyecrowd's crowds that OpenCV's frontal and profile cascades miss, at a seventh of
 their cost (README, "What transfers"). About 0.5 M parameters in all.
 
 The weights (`mtcnn.safetensors`, 1.9 MB, shipped with this package; MIT licence, see

@@ -97,3 +97,29 @@ def hub_api(hub_server: HubServer) -> HfApi:
 
 
 # ================================================================================================
+
+
+# ================================================================================================
+# OpenCV 5 (or a build) without the cascade classifier
+# ================================================================================================
+
+
+@pytest.fixture
+def without_cascades(monkeypatch: pytest.MonkeyPatch):
+    """Call with a module that imported cv2: its cv2 becomes OpenCV with everything but
+    `CascadeClassifier` (as OpenCV 5 ships), until the test ends."""
+
+    def hide(module) -> None:
+        real = module.cv2
+
+        class NoCascade:
+            __version__ = "5.0.0"
+
+            def __getattr__(self, name: str):
+                if name == "CascadeClassifier":
+                    raise AttributeError(name)
+                return getattr(real, name)
+
+        monkeypatch.setattr(module, "cv2", NoCascade())
+
+    return hide

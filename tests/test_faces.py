@@ -107,18 +107,8 @@ def test_searches_run_before_a_cpu_network_and_in_all_but_one_core_beside_a_gpu(
     assert [search_threads(gpu, n) for n in (1, 2, 16, 64)] == [1, 1, 15, 16]
 
 
-def test_an_opencv_without_the_cascade_classifier_is_one_clear_sentence(monkeypatch):
-    real = faces.cv2
-
-    class NoCascade:  # OpenCV 5: all the rest, no cascade classifier
-        __version__ = "5.0.0"
-
-        def __getattr__(self, name: str):
-            if name == "CascadeClassifier":
-                raise AttributeError(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(faces, "cv2", NoCascade())
+def test_an_opencv_without_the_cascade_classifier_is_one_clear_sentence(monkeypatch, without_cascades):
+    without_cascades(faces)
     monkeypatch.setattr(faces, "_idle", {})
     with pytest.raises(ImportError, match=r"OpenCV 4's cascade classifier.*opencv-python-headless>=4.14,<5"):
         detect_faces(skdata.astronaut(), "frontal")
@@ -296,3 +286,25 @@ def test_the_detector_benchmark_names_a_folder_without_photos(tmp_path):
     (tmp_path / "notes.txt").write_text("no photos here")
     with pytest.raises(SystemExit, match=r"--data .*: no \.jpg or \.png images there"):
         bench_faces.main(["--data", str(tmp_path)])
+
+
+def test_the_detector_benchmark_times_every_detector_and_only_mtcnn_without_cascades(tmp_path, capsys, without_cascades):
+    from PIL import Image
+
+    from bench import faces as bench_faces
+
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(skdata, name)()).save(tmp_path / f"{name}.png")
+    args = ["--data", str(tmp_path), "--repeat", "1", "--threads", "1,2"]
+    assert bench_faces.main(args) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.count("|") == 4]
+    timed = {r[0].strip(): [float(v) for v in r[1:]] for r in rows[1:]}
+    assert list(timed) == ["frontal", "frontal+profile", "mtcnn"]
+    assert all(v[1] > 0 and v[2] > 0 and v[3] > 0 for v in timed.values())
+    assert timed["mtcnn"][0] >= 1  # the astronaut's face
+
+    without_cascades(bench_faces)
+    assert bench_faces.main(args) == 0
+    out = capsys.readouterr().out
+    assert "only mtcnn is timed" in out
+    assert [line.split("|")[0].strip() for line in out.splitlines() if line.count("|") == 4][1:] == ["mtcnn"]

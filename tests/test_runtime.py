@@ -379,7 +379,7 @@ def test_bench_infer_writes_one_record_per_size_batch_and_path(tmp_path, capsys)
     assert "matmul" in capsys.readouterr().out
 
 
-def test_bench_infer_options_times_each_option_on_a_folder_and_leaves_out_cascades_opencv_lacks(tmp_path, capsys, monkeypatch):
+def test_bench_infer_options_times_each_option_on_a_folder_and_leaves_out_cascades_opencv_lacks(tmp_path, capsys, without_cascades):
     from PIL import Image
     from skimage import data as skdata
 
@@ -398,17 +398,7 @@ def test_bench_infer_options_times_each_option_on_a_folder_and_leaves_out_cascad
     assert all(r["photos"] == str(tmp_path / "photos") and r["ms_median"] > 0 for r in records)
     assert "2 photos from" in capsys.readouterr().out
 
-    real = infer.cv2
-
-    class NoCascade:  # OpenCV 5: all the rest, no cascade classifier
-        __version__ = "5.0.0"
-
-        def __getattr__(self, name: str):
-            if name == "CascadeClassifier":
-                raise AttributeError(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(infer, "cv2", NoCascade())
+    without_cascades(infer)
     assert infer.main(args) == 0
     left = [r["option"] for r in json.loads((tmp_path / "o.json").read_text())]
     assert "face_prior=6 (mtcnn)" in left and "all" in left and not [o for o in left if "frontal" in o or "cascades" in o]

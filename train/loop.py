@@ -82,7 +82,7 @@ class TrainConfig:
     # picked on eyecrowd's odd ids (nus_scene's scenes hold almost no faces, so it cannot choose
     # them) and confirmed on the even ids and with a second seed (README, "What transfers"): MTCNN
     # finds the faces in crowds that OpenCV's frontal and profile cascades miss, adds about 0.06 CC
-    # over them on eyecrowd, fires twice in nus_scene's 500 scenes and costs a sixth of their time.
+    # over them on eyecrowd, fires twice in nus_scene's 500 scenes and costs a seventh of their time.
     center_prior: int = 0
     keep_aspect: bool = False
     flip_tta: bool = False
@@ -786,7 +786,7 @@ HELP = {
     "face_prior": "weight w of the face prior: the map times (1 + w x a Gaussian on each face the detector finds; "
                   "hub.faces), in validation and predict() (0: none)",
     "face_detector": "the face prior's detector: mtcnn (a small CNN face detector, hub.mtcnn), frontal (OpenCV's LBP "
-                     "frontal-face cascade) or frontal+profile (and its Haar profile-face cascade both ways; 6x mtcnn's time)",
+                     "frontal-face cascade) or frontal+profile (and its Haar profile-face cascade both ways; 7x mtcnn's time)",
     "blur": "output blur, sigma as a fraction of the map's longer side, or 'auto': calibrated on validation after training",
     "crop_scale": "smallest area fraction of the random resized crop (augmentation)",
     "ema": "publish an exponential moving average of the weights with this decay (e.g. 0.998; 0: the raw weights)",
